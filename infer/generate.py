@@ -1,7 +1,7 @@
 """Generate text from the command line.
 
-    python -m infer.generate --prompt "The capital of France is" --max-new-tokens 8 --temperature 0
-    python -m infer.generate --model /path/to/hf_dir --prompt-file long.txt --no-chat
+python -m infer.generate --prompt "The capital of France is" --max-new-tokens 8 --temperature 0
+python -m infer.generate --model /path/to/hf_dir --prompt-file long.txt --no-chat
 """
 
 from __future__ import annotations
@@ -67,9 +67,18 @@ def main(args: GenerateArgs) -> int:
         sys.stdout.flush()
 
     try:
-        out = wgkv_jax.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=chat, system=args.system,
-                                stream=emit if args.stream else None)
+        out = wgkv_jax.generate(
+            model,
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat=chat,
+            system=args.system,
+            stream=emit if args.stream else None,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,19 +8,52 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from wgkv_jax.model.config import ModelConfig  # noqa: E402
+from wgkv_jax.model.config import ModelConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-TINY_LLAMA = ModelConfig(arch="llama", vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=16, ffn_dim=96, rope_theta=10000.0, max_seq_len=512, tie_embeddings=False)
-TINY_QWEN2 = ModelConfig(arch="qwen2", vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=16, ffn_dim=96, rope_theta=1e6, max_seq_len=512, qkv_bias=True)
-TINY_QWEN3 = ModelConfig(arch="qwen3", vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=16, ffn_dim=96, rope_theta=1e6, max_seq_len=512, qk_norm=True)
+TINY_LLAMA = ModelConfig(
+    arch="llama",
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=96,
+    rope_theta=10000.0,
+    max_seq_len=512,
+    tie_embeddings=False,
+)
+TINY_QWEN2 = ModelConfig(
+    arch="qwen2",
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=96,
+    rope_theta=1e6,
+    max_seq_len=512,
+    qkv_bias=True,
+)
+TINY_QWEN3 = ModelConfig(
+    arch="qwen3",
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=96,
+    rope_theta=1e6,
+    max_seq_len=512,
+    qk_norm=True,
+)
 
 
 @pytest.fixture(scope="session")

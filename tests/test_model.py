@@ -71,8 +71,9 @@ def test_prefill_then_decode_equals_full_forward(cfg):
 
 def test_llama3_rope_scaling_bands():
     base = ModelConfig(head_dim=64, rope_theta=500000.0)
-    scaled = ModelConfig(head_dim=64, rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0,
-                         original_max_position=8192))
+    scaled = ModelConfig(
+        head_dim=64, rope_theta=500000.0, rope_scaling=RopeScaling(factor=8.0, original_max_position=8192)
+    )
     inv, inv_s = rope_inv_freq(base), rope_inv_freq(scaled)
     wavelen = 2 * np.pi / inv
     hi = wavelen < 8192 / 4.0  # high frequencies: untouched

@@ -17,7 +17,18 @@ from wgkv_jax.weights import TextTokenizer, UnsupportedModelError, WeightsMismat
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "NAMED_MODELS", "ContextLengthError", "GenerationResult", "Model", "ModelConfig",
-    "RopeScaling", "SamplingConfig", "TextTokenizer", "UnsupportedModelError", "WeightsMismatchError", "generate",
-    "load_model", "make_mesh",
+    "DEFAULT_MODEL",
+    "NAMED_MODELS",
+    "ContextLengthError",
+    "GenerationResult",
+    "Model",
+    "ModelConfig",
+    "RopeScaling",
+    "SamplingConfig",
+    "TextTokenizer",
+    "UnsupportedModelError",
+    "WeightsMismatchError",
+    "generate",
+    "load_model",
+    "make_mesh",
 ]

@@ -155,14 +155,27 @@ def generate(
     if stream is not None:
         on_token = _Detokenizer(model._require_tokenizer(), len(ids), eos, stream)
     new_ids, finished, stats = generate_ids(
-        model.params, model.config, ids, max_new_tokens=max_new_tokens,
-        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed, eos_ids=eos,
-        mesh=model.mesh, on_token=on_token)
+        model.params,
+        model.config,
+        ids,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
+        seed=seed,
+        eos_ids=eos,
+        mesh=model.mesh,
+        on_token=on_token,
+    )
     tokens = [[t for t in row if t not in eos] for row in new_ids]
     texts = [tok.decode(row) if tok is not None else "" for row in tokens]
-    return GenerationResult(texts=texts, tokens=tokens, prompt_tokens=ids, finished=finished,
-                            prefill_s=stats["prefill_s"], decode_s=stats["decode_s"],
-                            cache_bytes=stats["cache_bytes"])
+    return GenerationResult(
+        texts=texts,
+        tokens=tokens,
+        prompt_tokens=ids,
+        finished=finished,
+        prefill_s=stats["prefill_s"],
+        decode_s=stats["decode_s"],
+        cache_bytes=stats["cache_bytes"],
+    )
 
 
 class _Detokenizer:
@@ -182,6 +195,5 @@ class _Detokenizer:
             if text.endswith("\ufffd"):
                 continue
             if len(text) > self.printed[row]:
-                self.emit(row, text[self.printed[row]:])
+                self.emit(row, text[self.printed[row] :])
                 self.printed[row] = len(text)
-

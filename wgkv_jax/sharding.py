@@ -37,9 +37,7 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Dev
     if data is None:
         data = len(devices) // model
     if data * model != len(devices):
-        raise ValueError(
-            f"mesh data={data} x model={model} = {data * model} does not match {len(devices)} devices"
-        )
+        raise ValueError(f"mesh data={data} x model={model} = {data * model} does not match {len(devices)} devices")
     return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
 
 
@@ -82,4 +80,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def describe(mesh: Mesh) -> str:
-    return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({math.prod(mesh.shape.values())} devices)"
+    return (
+        " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+        + f" ({math.prod(mesh.shape.values())} devices)"
+    )

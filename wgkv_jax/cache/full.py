@@ -58,8 +58,9 @@ def prefill_attend(cache: KVCache, layer, q_btkgd, k_pre_btke, k_btke, v_btke, p
     v_bkte = jnp.swapaxes(v_btke, 1, 2).astype(cache.v.dtype)[None]
     zero = jnp.zeros((), jnp.int32)
     start = (layer, zero, zero, zero, zero)
-    return out, KVCache(jax.lax.dynamic_update_slice(cache.k, k_bkte, start),
-                        jax.lax.dynamic_update_slice(cache.v, v_bkte, start))
+    return out, KVCache(
+        jax.lax.dynamic_update_slice(cache.k, k_bkte, start), jax.lax.dynamic_update_slice(cache.v, v_bkte, start)
+    )
 
 
 def decode_attend(cache: KVCache, layer, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):

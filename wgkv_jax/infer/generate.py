@@ -96,8 +96,7 @@ decode_step = jax.jit(_decode_step, static_argnames=("cfg", "sampling"), donate_
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "eos_ids"), donate_argnames=("cache",))
-def decode_loop(params, cfg, cache, first_b, lengths_b, key, sampling, max_new: int, eos_ids: tuple[int, ...],
-                n_new):
+def decode_loop(params, cfg, cache, first_b, lengths_b, key, sampling, max_new: int, eos_ids: tuple[int, ...], n_new):
     """All decode steps in one `lax.while_loop` on device.
 
     Returns (tokens [B, max_new] with -1 after a row stops, cache). Token i of row b sits at
@@ -112,8 +111,7 @@ def decode_loop(params, cfg, cache, first_b, lengths_b, key, sampling, max_new: 
 
     def body(state):  # i tokens are out; the step at position lengths + i - 1 makes token i
         i, tok_b, done_b, out_bn, cache = state
-        nxt_b, cache = _decode_step(params, cfg, cache, tok_b, lengths_b + i - 1, jax.random.fold_in(key, i),
-                                    sampling)
+        nxt_b, cache = _decode_step(params, cfg, cache, tok_b, lengths_b + i - 1, jax.random.fold_in(key, i), sampling)
         out_bn = out_bn.at[:, i].set(jnp.where(done_b, -1, nxt_b))
         done_b = done_b | jnp.isin(nxt_b, eos) | (i + 1 >= n_new)
         return i + 1, nxt_b, done_b, out_bn, cache
@@ -134,7 +132,7 @@ def generate_ids(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 64,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     seed: int = 0,
     eos_ids: Sequence[int] = (),
     mesh=None,
@@ -146,6 +144,7 @@ def generate_ids(
     `on_token`, when given, receives every step's int32 [B] tokens on the host (streaming);
     otherwise the whole decode runs in one on-device loop.
     """
+    sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must contain at least one token")
     if max_new_tokens < 1:
@@ -159,8 +158,11 @@ def generate_ids(
         )
     if longest + max_new_tokens > cfg.max_seq_len:
         new = cfg.max_seq_len - longest
-        warnings.warn(f"max_new_tokens={max_new_tokens} exceeds the context limit {cfg.max_seq_len} "
-                      f"for a {longest}-token prompt; generating at most {new}", stacklevel=2)
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} exceeds the context limit {cfg.max_seq_len} "
+            f"for a {longest}-token prompt; generating at most {new}",
+            stacklevel=2,
+        )
         max_new_tokens = new
     batch = len(prompts)
     t_bucket = min(prompt_bucket(longest), cfg.max_seq_len)
@@ -176,7 +178,8 @@ def generate_ids(
         tokens_bt = jax.device_put(tokens_bt, batch_sh)
         lengths_b = jax.device_put(lengths_b, sharding.logical_sharding(("batch",), lengths_b.shape, mesh))
         cache_sh = sharding.tree_shardings(
-            jax.eval_shape(lambda: KVCache.zeros(cfg, batch, size, dtype)), KVCache.logical_axes(), mesh)
+            jax.eval_shape(lambda: KVCache.zeros(cfg, batch, size, dtype)), KVCache.logical_axes(), mesh
+        )
         cache = jax.jit(lambda: KVCache.zeros(cfg, batch, size, dtype), out_shardings=cache_sh)()
     else:
         cache = KVCache.zeros(cfg, batch, size, dtype)
@@ -189,8 +192,9 @@ def generate_ids(
     t1 = time.perf_counter()
     eos = tuple(int(e) for e in eos_ids)
     if on_token is None:
-        out_bn, cache = decode_loop(params, cfg, cache, first_b, lengths_b, key, sampling, max_new_tokens, eos,
-                                    jnp.int32(max_new_tokens))
+        out_bn, cache = decode_loop(
+            params, cfg, cache, first_b, lengths_b, key, sampling, max_new_tokens, eos, jnp.int32(max_new_tokens)
+        )
         out_bn = np.asarray(out_bn)
     else:
         out_bn = np.full((batch, max_new_tokens), -1, np.int32)
@@ -203,8 +207,9 @@ def generate_ids(
             done_b |= np.isin(host_b, eos) | (i + 1 >= max_new_tokens)
             if done_b.all():
                 break
-            tok_b, cache = decode_step(params, cfg, cache, tok_b, lengths_b + i, jax.random.fold_in(key, i + 1),
-                                       sampling)  # token i + 1 at position lengths + i
+            tok_b, cache = decode_step(
+                params, cfg, cache, tok_b, lengths_b + i, jax.random.fold_in(key, i + 1), sampling
+            )  # token i + 1 at position lengths + i
     t2 = time.perf_counter()
     new_ids, finished = [], []
     for row in out_bn:
@@ -212,6 +217,11 @@ def generate_ids(
         stop = next((j for j, x in enumerate(ids) if x in eos), None)
         finished.append(stop is not None)
         new_ids.append(ids if stop is None else ids[: stop + 1])
-    stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "cache_bytes": cache_bytes,
-             "prompt_bucket": t_bucket, "cache_size": size}
+    stats = {
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "cache_bytes": cache_bytes,
+        "prompt_bucket": t_bucket,
+        "cache_size": size,
+    }
     return new_ids, finished, stats

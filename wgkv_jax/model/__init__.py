@@ -17,7 +17,18 @@ from wgkv_jax.model.transformer import (
 )
 
 __all__ = [
-    "Attend", "ModelConfig", "Params", "RopeScaling", "apply_rope", "causal_self_attend", "forward",
-    "hidden_states", "init_params", "lm_head", "param_logical_axes", "param_shapes", "rms_norm",
+    "Attend",
+    "ModelConfig",
+    "Params",
+    "RopeScaling",
+    "apply_rope",
+    "causal_self_attend",
+    "forward",
+    "hidden_states",
+    "init_params",
+    "lm_head",
+    "param_logical_axes",
+    "param_shapes",
+    "rms_norm",
     "rope_inv_freq",
 ]

@@ -62,9 +62,7 @@ class ModelConfig:
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r}; expected one of {SUPPORTED_ARCHS}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA groups)"
-            )
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA groups)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 

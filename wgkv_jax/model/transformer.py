@@ -49,8 +49,11 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
         "w_down": ("layers", "ffn", "embed"),
     }
     if cfg.qkv_bias:
-        layers |= {"bq": ("layers", "q_heads", "head_dim"), "bk": ("layers", "kv_heads", "head_dim"),
-                   "bv": ("layers", "kv_heads", "head_dim")}
+        layers |= {
+            "bq": ("layers", "q_heads", "head_dim"),
+            "bk": ("layers", "kv_heads", "head_dim"),
+            "bv": ("layers", "kv_heads", "head_dim"),
+        }
     if cfg.qk_norm:
         layers |= {"q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim")}
     axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "layers": layers}
@@ -61,12 +64,25 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """Expected shape of every parameter; loaders check real weights against it."""
-    L, D, H, K, E, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                           cfg.ffn_dim, cfg.vocab_size)
+    L, D, H, K, E, F, V = (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.ffn_dim,
+        cfg.vocab_size,
+    )
     layers = {
-        "attn_norm": (L, D), "mlp_norm": (L, D),
-        "wq": (L, D, H, E), "wk": (L, D, K, E), "wv": (L, D, K, E), "wo": (L, H, E, D),
-        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+        "attn_norm": (L, D),
+        "mlp_norm": (L, D),
+        "wq": (L, D, H, E),
+        "wk": (L, D, K, E),
+        "wv": (L, D, K, E),
+        "wo": (L, H, E, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
     }
     if cfg.qkv_bias:
         layers |= {"bq": (L, H, E), "bk": (L, K, E), "bv": (L, K, E)}
@@ -191,8 +207,9 @@ def _layer(cfg: ModelConfig, inv_freq, attend: Attend, x_btd, p, layer, pos_bt, 
     return x_btd, state
 
 
-def hidden_states(params: Params, cfg: ModelConfig, tokens_bt, pos_bt, *, attend: Attend = causal_self_attend,
-                  state=None):
+def hidden_states(
+    params: Params, cfg: ModelConfig, tokens_bt, pos_bt, *, attend: Attend = causal_self_attend, state=None
+):
     """Final-norm hidden states [B, T, D] and the updated attention state.
 
     Args:

@@ -62,8 +62,9 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_to_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: set[str], *, source: str,
-                 dtype=np.float32) -> Params:
+def hf_to_params(
+    cfg: ModelConfig, get: Callable[[str], np.ndarray], names: set[str], *, source: str, dtype=np.float32
+) -> Params:
     """Build params from HF-named tensors.
 
     Args:
@@ -82,8 +83,11 @@ def hf_to_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: set[
         raise WeightsMismatchError(
             f"{source}: {len(missing)} tensor(s) the config needs are missing, e.g. {missing[:4]}"
         )
-    unexpected = sorted(n for n in names - set(expected)
-                        if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    unexpected = sorted(
+        n
+        for n in names - set(expected)
+        if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight")
+    )
     if unexpected:
         raise WeightsMismatchError(
             f"{source}: {len(unexpected)} tensor(s) not used by a {cfg.arch} model with this config, "

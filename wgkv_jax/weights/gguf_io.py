@@ -20,8 +20,22 @@ from wgkv_jax.weights.safetensors_io import UnsupportedModelError
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
 # ggml tensor types we dequantize (all through gguf.quants.dequantize)
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+SUPPORTED_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "Q8_K",
+)
 
 _PER_LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -39,8 +53,11 @@ _PER_LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -107,9 +124,10 @@ class GGUFFile:
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     arch = g.require("general.architecture")
     if arch not in GGUF_ARCHS:
-        raise UnsupportedModelError(
-            f"{g.path}: unsupported GGUF architecture {arch!r}; supported: {list(GGUF_ARCHS)}"
-        )
+        raise UnsupportedModelError(f"{g.path}: unsupported GGUF architecture {arch!r}; supported: {list(GGUF_ARCHS)}")
+    scaling = g.field(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise UnsupportedModelError(f"{g.path}: RoPE scaling type {scaling!r} is not supported")
     d_model = int(g.require(f"{arch}.embedding_length"))
     n_heads = int(g.require(f"{arch}.attention.head_count"))
     head_dim = int(g.field(f"{arch}.attention.key_length", d_model // n_heads))

@@ -31,11 +31,12 @@ def config_from_hf(cfg: dict, *, source: str = "config.json") -> ModelConfig:
     arch = HF_ARCHS.get(archs[0]) if archs else HF_MODEL_TYPES.get(cfg.get("model_type", ""))
     if arch is None:
         raise UnsupportedModelError(
-            f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
-            f"supported: {sorted(HF_ARCHS)}"
+            f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; supported: {sorted(HF_ARCHS)}"
         )
     if cfg.get("use_sliding_window") or (arch == "llama" and cfg.get("sliding_window")):
         raise UnsupportedModelError(f"{source}: sliding-window attention layers are not supported")
+    if cfg.get("attention_bias") and arch in ("llama", "qwen3"):
+        raise UnsupportedModelError(f"{source}: attention_bias=True (with an o_proj bias) is not supported")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias=True is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -71,7 +72,7 @@ def config_from_hf(cfg: dict, *, source: str = "config.json") -> ModelConfig:
         rope_scaling=rope_scaling,
         rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+        qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
         max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
         name=str(cfg.get("_name_or_path") or archs[0] if archs else arch),

@@ -15,17 +15,25 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from wgkv_jax.weights.safetensors_io import UnsupportedModelError
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _byte_level_pre_tokenizer(pre: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre == "smollm":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     if pre in ("qwen2", "deepseek-r1-qwen"):
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), byte_level])
     if pre in ("llama-bpe", "llama3", "smaug-bpe"):
@@ -44,8 +52,16 @@ class TextTokenizer:
       chat_template: the Jinja chat template, or None for base models.
     """
 
-    def __init__(self, tok: Tokenizer, *, bos_id: int | None, eos_ids: tuple[int, ...], add_bos: bool,
-                 chat_template: str | None, source: str):
+    def __init__(
+        self,
+        tok: Tokenizer,
+        *,
+        bos_id: int | None,
+        eos_ids: tuple[int, ...],
+        add_bos: bool,
+        chat_template: str | None,
+        source: str,
+    ):
         self.tok = tok
         self.bos_id = bos_id
         self.eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
@@ -70,17 +86,23 @@ class TextTokenizer:
         tok.pre_tokenizer = _byte_level_pre_tokenizer(str(g.field("tokenizer.ggml.pre", "default")))
         tok.decoder = decoders.ByteLevel()
         # CONTROL (3) tokens are special; USER_DEFINED (4) must stay atomic but are printed
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types, strict=True) if ty == 3])
-        tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types, strict=True) if ty == 4])
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 3]
+        )
+        tok.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 4]
+        )
         bos = g.field("tokenizer.ggml.bos_token_id")
         eos = g.field("tokenizer.ggml.eos_token_id")
         eot = g.field("tokenizer.ggml.eot_token_id")
-        return cls(tok, bos_id=None if bos is None else int(bos),
-                   eos_ids=tuple(int(i) for i in (eos, eot) if i is not None),
-                   add_bos=bool(g.field("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=g.field("tokenizer.chat_template"), source=str(g.path))
+        return cls(
+            tok,
+            bos_id=None if bos is None else int(bos),
+            eos_ids=tuple(int(i) for i in (eos, eot) if i is not None),
+            add_bos=bool(g.field("tokenizer.ggml.add_bos_token", False)),
+            chat_template=g.field("tokenizer.chat_template"),
+            source=str(g.path),
+        )
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> TextTokenizer:
@@ -110,8 +132,14 @@ class TextTokenizer:
         if template is None and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
         add_bos = bool(conf.get("add_bos_token", False))
-        return cls(tok, bos_id=bos, eos_ids=tuple(i for i in eos if i is not None), add_bos=add_bos,
-                   chat_template=template, source=str(path))
+        return cls(
+            tok,
+            bos_id=bos,
+            eos_ids=tuple(i for i in eos if i is not None),
+            add_bos=add_bos,
+            chat_template=template,
+            source=str(path),
+        )
 
     # --------------------------------------------------------------------- use
 
