@@ -1,0 +1,1 @@
+"""Named presets as frozen dataclasses; ablations are `dataclasses.replace` of these."""

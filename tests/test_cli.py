@@ -49,3 +49,14 @@ def test_real_model_batch_of_chat_prompts(smollm2):
     assert "Paris" in out.texts[0]
     assert "4" in out.texts[1]
     assert all(out.finished)  # both answers end with <|im_end|> well before 16 tokens
+
+
+@pytest.mark.slow
+def test_smollm2_preset_matches_gguf_metadata(smollm2):
+    import dataclasses
+
+    from configs.models import SMOLLM2_135M
+
+    got = dataclasses.replace(smollm2.config, name=SMOLLM2_135M.name, rms_eps=SMOLLM2_135M.rms_eps)
+    assert got == SMOLLM2_135M
+    assert abs(smollm2.config.rms_eps - SMOLLM2_135M.rms_eps) < 1e-9
