@@ -22,6 +22,10 @@ Settings:
            HF generate-static (--hf-static-cache): the same with cache_implementation="static".
            The ratio ours/HF uses the fastest HF figure.
 
+Run it on an otherwise idle machine: with other processes on the cores, torch's OpenMP threads
+(one per core by default) can slow HF decode ~10x (observed: 745 ms/step with 2 threads vs 76 ms
+with 1 on a busy 2-core box), which inflates ours/HF. The script warns when the load average is high.
+
 Every (library, setting) is warmed up once (compilation / first-call costs excluded), then the
 repeats of ours and HF alternate so that background load hits both alike; medians are reported,
 with every repeat's time kept in the JSON.
@@ -144,6 +148,17 @@ def machine_info() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "loadavg_start": list(os.getloadavg()),
     }
+
+
+def busy_warning(loadavg: list[float]) -> str | None:
+    """A note when the 1-minute load average says other work shares the cores (timings unreliable)."""
+    nproc = os.cpu_count() or 1
+    if loadavg[0] > 0.75 * nproc:
+        return (
+            f"1-min load average {loadavg[0]:.2f} on {nproc} cores: other processes compete for the CPU; "
+            "timings (HF's OpenMP decode especially) are unreliable"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------- ours (wgkv_jax)
@@ -402,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
 
     path = gguf_path()
     machine = machine_info()
-    log(f"{machine['cpu_model']} x{machine['nproc']}, loadavg {machine['loadavg_start']}")
+    log(f"{machine['cpu_model']} x{machine['nproc']}, 1-min loadavg {machine['loadavg_start'][0]:.2f}")
+    warning = busy_warning(machine["loadavg_start"])
+    if warning:
+        log(f"WARNING: {warning}")
     t0 = time.perf_counter()
     ours = wgkv_jax.load_model("smollm2-135m")
     log(f"ours loaded in {time.perf_counter() - t0:.1f}s ({ours.config.name})")
@@ -437,13 +455,19 @@ def main(argv: list[str] | None = None) -> int:
         "hf_attn_implementation": hf.config._attn_implementation,
         "results": rows,
     }
+    warning = warning or busy_warning(machine["loadavg_end"])
+    if warning:
+        result["warning"] = warning
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{machine['cpu_model']} x{machine['nproc']}, jax {machine['jax']}, torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, loadavg {machine['loadavg_start']} -> {machine['loadavg_end']}"
+        f"transformers {machine['transformers']}, torch threads {machine['torch_threads']}, "
+        f"1-min loadavg {machine['loadavg_start'][0]:.2f} -> {machine['loadavg_end'][0]:.2f}"
     )
     print(markdown_table(rows))
+    if warning:
+        print(f"\nWARNING: {warning}")
     log(f"wrote {args.out}")
     return 0
 
