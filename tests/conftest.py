@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 # 8 fake CPU devices for the sharding tests; must be set before jax initialises its backend.
@@ -28,32 +29,8 @@ TINY_LLAMA = ModelConfig(
     max_seq_len=512,
     tie_embeddings=False,
 )
-TINY_QWEN2 = ModelConfig(
-    arch="qwen2",
-    vocab_size=128,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    ffn_dim=96,
-    rope_theta=1e6,
-    max_seq_len=512,
-    qkv_bias=True,
-)
-TINY_QWEN3 = ModelConfig(
-    arch="qwen3",
-    vocab_size=128,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    ffn_dim=96,
-    rope_theta=1e6,
-    max_seq_len=512,
-    qk_norm=True,
-)
+TINY_QWEN2 = dataclasses.replace(TINY_LLAMA, arch="qwen2", rope_theta=1e6, qkv_bias=True, tie_embeddings=True)
+TINY_QWEN3 = dataclasses.replace(TINY_LLAMA, arch="qwen3", rope_theta=1e6, qk_norm=True, tie_embeddings=True)
 
 
 @pytest.fixture(scope="session")
