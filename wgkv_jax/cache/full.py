@@ -19,8 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from wgkv_jax.attention.blocked import blocked_causal_attention
-from wgkv_jax.attention.reference import NEG_INF
+from wgkv_jax.attention.blocked import blocked_causal_attention, grouped_attention
 from wgkv_jax.model.config import ModelConfig
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
@@ -50,9 +49,9 @@ class KVCache:
         return KVCache(CACHE_AXES, CACHE_AXES)
 
 
-def prefill_attend(cache: KVCache, layer, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
+def prefill_attend(cache: KVCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
     """Fresh prefill (positions start at 0): causal self-attention, then K/V -> slots [0, T)."""
-    del k_pre_btke
+    del p, k_pre_btke
     out = blocked_causal_attention(q_btkgd, k_btke, v_btke, pos_bt)
     k_bkte = jnp.swapaxes(k_btke, 1, 2).astype(cache.k.dtype)[None]
     v_bkte = jnp.swapaxes(v_btke, 1, 2).astype(cache.v.dtype)[None]
@@ -63,23 +62,13 @@ def prefill_attend(cache: KVCache, layer, q_btkgd, k_pre_btke, k_btke, v_btke, p
     )
 
 
-def decode_attend(cache: KVCache, layer, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
+def decode_attend(cache: KVCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
     """Write the new tokens at their positions (per row), then attend over slots <= position."""
-    del k_pre_btke
+    del p, k_pre_btke
     b = jnp.arange(q_btkgd.shape[0])[:, None]
     k_all = cache.k.at[layer, b, :, pos_bt].set(k_btke.astype(cache.k.dtype), mode="drop")
     v_all = cache.v.at[layer, b, :, pos_bt].set(v_btke.astype(cache.v.dtype), mode="drop")
-    k_bkse, v_bkse = k_all[layer], v_all[layer]
-    b_, t, k, g, e = q_btkgd.shape
-    # queries of one KV head as rows m = (t, g): a plain [m, e] x [e, s] matmul per (b, k); with the
-    # size-1 t axis kept apart XLA:CPU picks a transposing dot that is ~6x slower
-    q_bkme = jnp.swapaxes(q_btkgd, 1, 2).reshape(b_, k, t * g, e) * e**-0.5
-    s_bkms = jnp.einsum("bkme,bkse->bkms", q_bkme, k_bkse, preferred_element_type=jnp.float32)
-    slot_s = jnp.arange(k_bkse.shape[2])
+    slot_s = jnp.arange(cache.size)
     mask_bts = slot_s[None, None, :] <= pos_bt[:, :, None]
-    mask_bms = jnp.repeat(mask_bts, g, axis=1)
-    s_bkms = jnp.where(mask_bms[:, None], s_bkms, NEG_INF)
-    p_bkms = jax.nn.softmax(s_bkms, axis=-1).astype(v_bkse.dtype)
-    o_bkme = jnp.einsum("bkms,bkse->bkme", p_bkms, v_bkse, preferred_element_type=jnp.float32)
-    out = jnp.swapaxes(o_bkme.reshape(b_, k, t, g, e), 1, 2)
+    out = grouped_attention(q_btkgd, k_all[layer], v_all[layer], mask_bts)
     return out.astype(v_btke.dtype), KVCache(k_all, v_all)

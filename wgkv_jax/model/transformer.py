@@ -163,18 +163,19 @@ class Attend(Protocol):
 
     Args:
       state: the cache pytree for all layers (or None); layer: traced layer index;
+      p: this layer's params (a KV policy keeps its own, e.g. gate weights, beside them);
       q_btkgd: post-RoPE queries; k_pre_btke: keys before RoPE (after k_norm on Qwen3);
       k_btke: post-RoPE keys; v_btke: values; pos_bt: absolute positions.
     Returns:
       (attention output [B, T, K, G, E], new state).
     """
 
-    def __call__(self, state, layer, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt): ...
+    def __call__(self, state, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt): ...
 
 
-def causal_self_attend(state, layer, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
+def causal_self_attend(state, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
     """No cache: causal attention of the sequence over itself."""
-    del layer, k_pre_btke
+    del layer, p, k_pre_btke
     return blocked_causal_attention(q_btkgd, k_btke, v_btke, pos_bt), state
 
 
@@ -197,7 +198,7 @@ def _layer(cfg: ModelConfig, inv_freq, attend: Attend, x_btd, p, layer, pos_bt, 
     k_btke = apply_rope(k_btke, pos_bt, inv_freq)
     q_btkge = q_bthe.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
     with jax.named_scope("attention"):
-        o_btkge, state = attend(state, layer, q_btkge, k_pre_btke, k_btke, v_btke, pos_bt)
+        o_btkge, state = attend(state, layer, p, q_btkge, k_pre_btke, k_btke, v_btke, pos_bt)
     o_bthe = o_btkge.reshape(b, t, cfg.n_heads, cfg.head_dim).astype(x_btd.dtype)
     x_btd = x_btd + jnp.einsum("bthe,hed->btd", o_bthe, p["wo"])
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
@@ -232,8 +233,9 @@ def hidden_states(
 
 def lm_head(params: Params, cfg: ModelConfig, h_btd):
     """Logits in float32 from final-norm hidden states."""
-    w_dv = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=jnp.float32)
+    if cfg.tie_embeddings:  # contract with the [v, d] embedding as stored: no transposed copy
+        return jnp.einsum("btd,vd->btv", h_btd, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", h_btd, params["lm_head"], preferred_element_type=jnp.float32)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_bt, pos_bt=None):

@@ -1,0 +1,53 @@
+"""Admission gates: a registry of write-gate architectures behind one interface.
+
+    gate = gates.make("wgkv", model_cfg)                    # a Flax Linen module (one layer)
+    params = gates.init_stacked(gate, model_cfg, key)       # [L, ...] leaves, beside the layers
+    g_bkt = gate.apply({"params": layer_params}, k_pre, k_post, v)
+
+An ablation is one class in `modules.py` plus one line in `GATES`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wgkv_jax.gates.modules import LinearWriteGate, PostRopeWriteGate, ValueWriteGate, WriteGate
+from wgkv_jax.model.config import ModelConfig
+
+GATES: dict[str, type[WriteGate]] = {
+    "wgkv": WriteGate,
+    "wgkv_v": ValueWriteGate,
+    "post_rope": PostRopeWriteGate,
+    "linear": LinearWriteGate,
+}
+
+
+def make(name: str, cfg: ModelConfig, **overrides) -> WriteGate:
+    """The gate module `name` sized for `cfg` (fields such as expand/act can be overridden)."""
+    if name not in GATES:
+        raise KeyError(f"unknown gate {name!r}; registered gates: {sorted(GATES)}")
+    return GATES[name](num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, **overrides)
+
+
+def init_stacked(gate: WriteGate, cfg: ModelConfig, key: jax.Array):
+    """Independent gate params for every layer, stacked on a leading [L] axis (float32)."""
+    x = jnp.zeros((1, 1, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+    keys = jax.random.split(key, cfg.n_layers)
+    return jax.vmap(lambda k: gate.init(k, x, x, x)["params"])(keys)
+
+
+def param_count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+__all__ = [
+    "GATES",
+    "LinearWriteGate",
+    "PostRopeWriteGate",
+    "ValueWriteGate",
+    "WriteGate",
+    "init_stacked",
+    "make",
+    "param_count",
+]
