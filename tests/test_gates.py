@@ -182,7 +182,7 @@ def test_training_steps_reduce_loss_and_touch_only_gates():
     loss_fn = jax.jit(lambda gp: wgkv_loss(gp, params, cfg, attend, tokens, teacher, 1.0))
     grad_fn = jax.jit(jax.grad(lambda gp: wgkv_loss(gp, params, cfg, attend, tokens, teacher, 1.0)[0]))
     first, parts = loss_fn(gp)
-    assert set(parts) == {"distill", "sparsity", "g_mean"}
+    assert set(parts) == {"distill", "sparsity", "g_mean", "admit"}
     for _ in range(15):
         updates, state = opt.update(grad_fn(gp), state, gp)
         gp = optax.apply_updates(gp, updates)

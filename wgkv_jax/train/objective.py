@@ -85,11 +85,35 @@ def student_hidden(params: Params, gate_params, cfg: ModelConfig, attend: SoftGa
     return hidden_states(merged, cfg, tokens_bt, pos_bt, attend=attend, state=g0)
 
 
+def admission_rate(g_lbkt, window: int, tau: float):
+    """Fraction of hard admissions (g > tau) among the keys that leave the window (s < T - W)."""
+    t = g_lbkt.shape[-1]
+    beyond_t = jnp.arange(t) < t - window
+    admitted = (g_lbkt > tau) & beyond_t
+    return jnp.sum(admitted) / jnp.maximum(jnp.sum(jnp.broadcast_to(beyond_t, g_lbkt.shape)), 1)
+
+
 def wgkv_loss(
-    gate_params, params: Params, cfg: ModelConfig, attend: SoftGateAttend, tokens_bt, h_teacher_btd, lam: float
+    gate_params,
+    params: Params,
+    cfg: ModelConfig,
+    attend: SoftGateAttend,
+    tokens_bt,
+    h_teacher_btd,
+    lam: float,
+    tau: float = 0.1,
 ):
-    """Total loss and its parts; differentiate w.r.t. `gate_params` only (the backbone is frozen)."""
+    """Total loss and its parts; differentiate w.r.t. `gate_params` only (the backbone is frozen).
+
+    Parts: distill (MSE), sparsity (code form), g_mean, admit (hard admission rate beyond the window).
+    """
     h_btd, g_lbkt = student_hidden(jax.lax.stop_gradient(params), gate_params, cfg, attend, tokens_bt)
     distill = distill_loss(h_btd, h_teacher_btd)
     sparsity = sparsity_loss(g_lbkt, attend.window)
-    return distill + lam * sparsity, {"distill": distill, "sparsity": sparsity, "g_mean": jnp.mean(g_lbkt)}
+    parts = {
+        "distill": distill,
+        "sparsity": sparsity,
+        "g_mean": jnp.mean(g_lbkt),
+        "admit": admission_rate(g_lbkt, attend.window, tau),
+    }
+    return distill + lam * sparsity, parts
