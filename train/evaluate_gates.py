@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
-    runs: tuple[str, ...]
+    runs: tyro.conf.Positional[tuple[str, ...]]
     """Run directories of `train.distill`."""
     context: int = 4096
     samples: int = 8

@@ -37,17 +37,43 @@ def init_stacked(gate: WriteGate, cfg: ModelConfig, key: jax.Array):
     return jax.vmap(lambda k: gate.init(k, x, x, x)["params"])(keys)
 
 
+# trained gates shipped with the package: model name -> file under wgkv_jax/assets/gates
+SHIPPED: dict[str, str] = {"smollm2-135m": "smollm2-135m-lambda0.16.safetensors"}
+
+
+def load(name_or_path: str, cfg: ModelConfig):
+    """A trained gate: (module, stacked params, meta) from a shipped name or a gate.safetensors path.
+
+    The file's training config names the architecture; shapes are checked against `cfg`.
+    """
+    from pathlib import Path
+
+    from wgkv_jax.train.checkpoint import load_gate_safetensors
+
+    path = (
+        Path(__file__).resolve().parents[1] / "assets" / "gates" / SHIPPED[name_or_path]
+        if name_or_path in SHIPPED
+        else Path(name_or_path)
+    )
+    params, meta = load_gate_safetensors(path, cfg)
+    train_cfg = meta.get("config", {})
+    gate = make(train_cfg.get("gate", "wgkv"), cfg, expand=train_cfg.get("expand", 4.0))
+    return gate, params, meta
+
+
 def param_count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
 __all__ = [
     "GATES",
+    "SHIPPED",
     "LinearWriteGate",
     "PostRopeWriteGate",
     "ValueWriteGate",
     "WriteGate",
     "init_stacked",
+    "load",
     "make",
     "param_count",
 ]
