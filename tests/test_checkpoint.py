@@ -270,7 +270,8 @@ def test_safetensors_rejects_another_model(tmp_path, change, message):
 
 def official_gate_model(cfg, expand, seed=0):
     """The paper's gate in PyTorch, one per layer, named as in the official checkpoints."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     nn = torch.nn
 
     class GatingRMSNorm(nn.Module):

