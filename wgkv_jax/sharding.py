@@ -7,7 +7,6 @@ not divide is replicated instead (SmolLM2 has 3 KV heads; a 2-way model axis can
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -77,10 +76,3 @@ def shard_tree(tree, axes_tree, mesh: Mesh):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def describe(mesh: Mesh) -> str:
-    return (
-        " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
-        + f" ({math.prod(mesh.shape.values())} devices)"
-    )
