@@ -1,5 +1,23 @@
-"""KV caches. `KVCache` is the plain full cache; the WG-KV dual cache builds on the same hooks."""
+"""KV caches: the plain full cache and the WG-KV dual cache (local ring + global store)."""
 
+from wgkv_jax.cache.admission import Admission, FixedAdmission, GateAdmission
+from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache, parts_attention
 from wgkv_jax.cache.full import KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.reference import ReferenceAttend, admission_mask, reference_logits
 
-__all__ = ["KVCache", "decode_attend", "prefill_attend"]
+__all__ = [
+    "Admission",
+    "CacheConfig",
+    "CapacityError",
+    "DualAttend",
+    "DualCache",
+    "FixedAdmission",
+    "GateAdmission",
+    "KVCache",
+    "ReferenceAttend",
+    "admission_mask",
+    "decode_attend",
+    "parts_attention",
+    "prefill_attend",
+    "reference_logits",
+]

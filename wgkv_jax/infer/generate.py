@@ -1,9 +1,14 @@
-"""Autoregressive generation with a static-shape, donated KV cache.
+"""Autoregressive generation with a static-shape, donated KV cache: full or WG-KV dual.
 
 Shapes are bucketed so a new prompt length costs a compile only when it crosses a bucket:
-prompts are right-padded to a power of two, the cache to a multiple of `CACHE_ALIGN`.
+prompts are padded to a power of two, the full cache to a multiple of `CACHE_ALIGN`.
 Two loops share the same jitted decode step: `lax.while_loop` entirely on device (default),
 or a host loop that hands every new token to a callback (streaming).
+
+Full cache: prompts are right-padded and prefilled in one call (slot == position).
+Dual cache (`cache=CacheConfig(...)`): prompts are left-padded (pads get negative positions
+and are never stored) and prefilled in chunks, each chunk attending to the cache and itself,
+so every row's positions stay contiguous and all rows finish the prompt at the same index.
 
 Axis letters: b batch, t time, n generated-token index.
 """
@@ -21,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from wgkv_jax import sharding
+from wgkv_jax.cache.admission import Admission
+from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
 from wgkv_jax.cache.full import KVCache, decode_attend, prefill_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
 from wgkv_jax.model.config import ModelConfig
@@ -44,6 +51,52 @@ def cache_bucket(n: int) -> int:
 
 
 @dataclasses.dataclass
+class CacheStats:
+    """KV-cache accounting at the end of generation (all rows together).
+
+    Attributes:
+      kind: "full" or "dual".
+      allocated_bytes: bytes of the K/V buffers allocated (static shapes: ring + capacity).
+      full_cache_bytes: bytes a full cache would need for exactly the same tokens.
+      stored_entries: K/V entries (one per layer, row, KV head, token) held at the end.
+      full_entries: entries a full cache holds for the same tokens.
+      kv_ratio: the paper's ratio, per layer/head (W + global entries) / tokens, averaged
+        (the local region counts whole, as in the reference profiler).
+      admission_per_layer: admitted fraction of the tokens that left the window, per layer.
+      evicted: admitted entries dropped because the global store was full.
+      capacity, window: the static sizes used (0 for a full cache).
+    """
+
+    kind: str
+    allocated_bytes: int
+    full_cache_bytes: int
+    stored_entries: int
+    full_entries: int
+    kv_ratio: float
+    admission_per_layer: list[float]
+    evicted: int
+    capacity: int = 0
+    window: int = 0
+
+    @property
+    def stored_fraction(self) -> float:
+        return self.stored_entries / max(self.full_entries, 1)
+
+    def summary(self) -> str:
+        """A compact one-paragraph report for the terminal."""
+        mib = 2**20
+        text = (
+            f"KV entries {self.stored_entries:,} of {self.full_entries:,} ({100 * self.stored_fraction:.1f}%), "
+            f"kv ratio {self.kv_ratio:.3f} | allocated {self.allocated_bytes / mib:.2f} MiB "
+            f"vs full {self.full_cache_bytes / mib:.2f} MiB"
+        )
+        if self.kind == "dual":
+            rates = " ".join(f"{100 * r:.0f}" for r in self.admission_per_layer)
+            text += f" | W={self.window} C={self.capacity}, evicted {self.evicted}\nadmitted % per layer: {rates}"
+        return text
+
+
+@dataclasses.dataclass
 class GenerationResult:
     """What `generate` returns.
 
@@ -55,6 +108,7 @@ class GenerationResult:
       prefill_s, decode_s: wall time of the prefill and of the decode loop (compilation included
         on the first call of a shape bucket).
       cache_bytes: bytes of the allocated KV cache.
+      cache_stats: what the cache holds at the end (see `CacheStats`).
     """
 
     texts: list[str]
@@ -64,6 +118,7 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     cache_bytes: int
+    cache_stats: CacheStats | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -86,32 +141,62 @@ def prefill(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt, lengths
     return sample(logits_bv, key, sampling), cache
 
 
-def _decode_step(params, cfg, cache, tok_b, pos_b, key, sampling):
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "attend"), donate_argnames=("cache",))
+def prefill_chunk(params: Params, cfg: ModelConfig, cache, tokens_bt, pos_bt, key, sampling, attend):
+    """One prefill chunk on a dual cache; samples from every row's last position (the prompt end
+    on the final chunk, since prompts are left-padded)."""
+    with jax.named_scope("prefill_chunk"):
+        h_btd, cache = hidden_states(params, cfg, tokens_bt, pos_bt, attend=attend, state=cache)
+    return sample(lm_head(params, cfg, h_btd[:, -1:])[:, 0], key, sampling), cache
+
+
+def _decode_step(params, cfg, cache, tok_b, pos_b, key, sampling, attend=decode_attend):
     with jax.named_scope("decode"):
-        h_btd, cache = hidden_states(params, cfg, tok_b[:, None], pos_b[:, None], attend=decode_attend, state=cache)
+        h_btd, cache = hidden_states(params, cfg, tok_b[:, None], pos_b[:, None], attend=attend, state=cache)
     return sample(lm_head(params, cfg, h_btd)[:, 0], key, sampling), cache
 
 
-decode_step = jax.jit(_decode_step, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
+decode_step = jax.jit(_decode_step, static_argnames=("cfg", "sampling", "attend"), donate_argnames=("cache",))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "eos_ids"), donate_argnames=("cache",))
-def decode_loop(params, cfg, cache, first_b, lengths_b, key, sampling, max_new: int, eos_ids: tuple[int, ...], n_new):
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "sampling", "max_new", "eos_ids", "attend", "stop_on_evict"),
+    donate_argnames=("cache",),
+)
+def decode_loop(
+    params,
+    cfg,
+    cache,
+    first_b,
+    lengths_b,
+    key,
+    sampling,
+    max_new: int,
+    eos_ids: tuple[int, ...],
+    n_new,
+    attend=decode_attend,
+    stop_on_evict: bool = False,
+):
     """All decode steps in one `lax.while_loop` on device.
 
     Returns (tokens [B, max_new] with -1 after a row stops, cache). Token i of row b sits at
-    position lengths_b[b] + i; `n_new` (traced, <= max_new) bounds the steps.
+    position lengths_b[b] + i; `n_new` (traced, <= max_new) bounds the steps. With
+    `stop_on_evict`, the loop also stops once a dual cache has dropped an entry.
     """
     b = first_b.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
     def cond(state):
-        i, _, done_b, _, _ = state
-        return (i < n_new) & ~jnp.all(done_b)
+        i, _, done_b, _, cache = state
+        go = (i < n_new) & ~jnp.all(done_b)
+        return go & jnp.all(cache.evicted == 0) if stop_on_evict else go
 
     def body(state):  # i tokens are out; the step at position lengths + i - 1 makes token i
         i, tok_b, done_b, out_bn, cache = state
-        nxt_b, cache = _decode_step(params, cfg, cache, tok_b, lengths_b + i - 1, jax.random.fold_in(key, i), sampling)
+        nxt_b, cache = _decode_step(
+            params, cfg, cache, tok_b, lengths_b + i - 1, jax.random.fold_in(key, i), sampling, attend
+        )
         out_bn = out_bn.at[:, i].set(jnp.where(done_b, -1, nxt_b))
         done_b = done_b | jnp.isin(nxt_b, eos) | (i + 1 >= n_new)
         return i + 1, nxt_b, done_b, out_bn, cache
@@ -138,17 +223,25 @@ def generate_ids(
     mesh=None,
     on_token: Callable[[np.ndarray], None] | None = None,
     cache_dtype=None,
+    cache: CacheConfig | None = None,
+    admission: Admission | None = None,
+    gate_params=None,
 ) -> tuple[list[list[int]], list[bool], dict]:
     """Generate from token-id prompts. Returns (new ids per row incl. EOS, finished flags, stats).
 
     `on_token`, when given, receives every step's int32 [B] tokens on the host (streaming);
-    otherwise the whole decode runs in one on-device loop.
+    otherwise the whole decode runs in one on-device loop. With `cache` (a CacheConfig) the
+    WG-KV dual cache is used, admission decided by `admission` (e.g. `GateAdmission`, whose
+    stacked per-layer params `gate_params` are placed beside the layer params).
+    stats["cache"] is a `CacheStats`.
     """
     sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must contain at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if (cache is None) != (admission is None):
+        raise ValueError("a dual cache needs both `cache` (CacheConfig) and `admission`; pass neither for a full cache")
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     if longest >= cfg.max_seq_len:
@@ -165,36 +258,59 @@ def generate_ids(
         )
         max_new_tokens = new
     batch = len(prompts)
-    t_bucket = min(prompt_bucket(longest), cfg.max_seq_len)
-    size = cache_bucket(t_bucket + max_new_tokens)
     dtype = cache_dtype or params["embed"].dtype
-
-    tokens_bt = np.zeros((batch, t_bucket), np.int32)
-    for i, p in enumerate(prompts):
-        tokens_bt[i, : len(p)] = p
     lengths_b = np.asarray(lengths, np.int32)
-    if mesh is not None:
-        batch_sh = sharding.logical_sharding(("batch", "seq"), tokens_bt.shape, mesh)
-        tokens_bt = jax.device_put(tokens_bt, batch_sh)
-        lengths_b = jax.device_put(lengths_b, sharding.logical_sharding(("batch",), lengths_b.shape, mesh))
-        cache_sh = sharding.tree_shardings(
-            jax.eval_shape(lambda: KVCache.zeros(cfg, batch, size, dtype)), KVCache.logical_axes(), mesh
-        )
-        cache = jax.jit(lambda: KVCache.zeros(cfg, batch, size, dtype), out_shardings=cache_sh)()
-    else:
-        cache = KVCache.zeros(cfg, batch, size, dtype)
-    cache_bytes = cache.nbytes
     key = jax.random.PRNGKey(seed)
+    eos = tuple(int(e) for e in eos_ids)
+    put = _placer(mesh)
 
     t0 = time.perf_counter()
-    first_b, cache = prefill(params, cfg, cache, tokens_bt, lengths_b, jax.random.fold_in(key, 0), sampling)
+    if cache is None:
+        t_bucket = min(prompt_bucket(longest), cfg.max_seq_len)
+        size = cache_bucket(t_bucket + max_new_tokens)
+        tokens_bt = np.zeros((batch, t_bucket), np.int32)
+        for i, p in enumerate(prompts):
+            tokens_bt[i, : len(p)] = p
+        state = put(lambda: KVCache.zeros(cfg, batch, size, dtype), KVCache.logical_axes())
+        attend, stop_on_evict = decode_attend, False
+        first_b, state = prefill(
+            params, cfg, state, put(tokens_bt, ("batch", "seq")), put(lengths_b, ("batch",)),
+            jax.random.fold_in(key, 0), sampling,
+        )  # fmt: skip
+        shape_info = {"prompt_bucket": t_bucket, "cache_size": size}
+    else:
+        if gate_params is not None:
+            params = dict(params, layers=dict(params["layers"], gate=gate_params))
+        t_bucket = prompt_bucket(longest)
+        chunk = min(t_bucket, cache.chunk)
+        capacity = cache.resolve_capacity(longest + max_new_tokens)
+        w = cache.window
+        state = put(
+            lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, defer=cache.defer_gating), DualCache.logical_axes()
+        )
+        tokens_bt = np.zeros((batch, t_bucket), np.int32)
+        for i, p in enumerate(prompts):
+            tokens_bt[i, t_bucket - len(p) :] = p
+        pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
+        attend = DualAttend(admission, defer_gating=cache.defer_gating)
+        prefill_attend_ = DualAttend(admission)
+        stop_on_evict = cache.overflow == "error"
+        for c in range(0, t_bucket, chunk):
+            first_b, state = prefill_chunk(
+                params, cfg, state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
+                put(pos_bt[:, c : c + chunk], ("batch", "seq")), jax.random.fold_in(key, 0), sampling,
+                prefill_attend_,
+            )  # fmt: skip
+            if stop_on_evict:
+                _raise_on_overflow(state, capacity, "prefill")
+        shape_info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": capacity, "window": w}
     first_b.block_until_ready()
     t1 = time.perf_counter()
-    eos = tuple(int(e) for e in eos_ids)
     if on_token is None:
-        out_bn, cache = decode_loop(
-            params, cfg, cache, first_b, lengths_b, key, sampling, max_new_tokens, eos, jnp.int32(max_new_tokens)
-        )
+        out_bn, state = decode_loop(
+            params, cfg, state, first_b, put(lengths_b, ("batch",)), key, sampling, max_new_tokens, eos,
+            jnp.int32(max_new_tokens), attend, stop_on_evict,
+        )  # fmt: skip
         out_bn = np.asarray(out_bn)
     else:
         out_bn = np.full((batch, max_new_tokens), -1, np.int32)
@@ -207,21 +323,94 @@ def generate_ids(
             done_b |= np.isin(host_b, eos) | (i + 1 >= max_new_tokens)
             if done_b.all():
                 break
-            tok_b, cache = decode_step(
-                params, cfg, cache, tok_b, lengths_b + i, jax.random.fold_in(key, i + 1), sampling
-            )  # token i + 1 at position lengths + i
+            tok_b, state = decode_step(
+                params, cfg, state, tok_b, put(lengths_b + i, ("batch",)), jax.random.fold_in(key, i + 1), sampling,
+                attend,
+            )  # token i + 1 at position lengths + i  # fmt: skip
+            if stop_on_evict:
+                _raise_on_overflow(state, state.capacity, "decode")
     t2 = time.perf_counter()
+    if stop_on_evict:
+        _raise_on_overflow(state, state.capacity, "decode")
     new_ids, finished = [], []
     for row in out_bn:
         ids = [int(x) for x in row if x >= 0]
         stop = next((j for j, x in enumerate(ids) if x in eos), None)
         finished.append(stop is not None)
         new_ids.append(ids if stop is None else ids[: stop + 1])
+    # every emitted token except the last was fed back through the model and stored
+    seen_b = np.asarray([n + max(len(ids) - 1, 0) for n, ids in zip(lengths, new_ids, strict=True)])
     stats = {
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,
-        "cache_bytes": cache_bytes,
-        "prompt_bucket": t_bucket,
-        "cache_size": size,
+        "cache_bytes": state.nbytes,
+        "cache": cache_stats(state, cfg, seen_b),
+        **shape_info,
     }
     return new_ids, finished, stats
+
+
+def _placer(mesh):
+    """put(array, logical axes) and put(init fn, logical axes tree): place on `mesh` (or default device)."""
+
+    def put(x, axes):
+        if callable(x):
+            if mesh is None:
+                return x()
+            shardings = sharding.tree_shardings(jax.eval_shape(x), axes, mesh)
+            return jax.jit(x, out_shardings=shardings)()
+        if mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, sharding.logical_sharding(axes, x.shape, mesh))
+
+    return put
+
+
+def _raise_on_overflow(state: DualCache, capacity: int, phase: str) -> None:
+    evicted = np.asarray(state.evicted)
+    if evicted.sum() == 0:
+        return
+    l, b, k = np.unravel_index(int(np.argmax(evicted)), evicted.shape)
+    need = int(np.asarray(state.length)[l, b, k] + evicted[l, b, k])
+    raise CapacityError(
+        f"the global KV cache overflowed during {phase}: layer {l}, row {b}, KV head {k} admitted at least "
+        f"{need} tokens but the capacity is {capacity} per head ({int(evicted.sum())} entries over in all); "
+        f"raise CacheConfig.capacity / capacity_fraction, or use overflow='evict_lowest'"
+    )
+
+
+def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray) -> CacheStats:
+    """Accounting of a full or dual cache after `seen_b[b]` tokens of row b went through the model."""
+    itemsize = state.ring_k.dtype.itemsize if isinstance(state, DualCache) else state.k.dtype.itemsize
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+    full_entries = int(seen_b.sum()) * cfg.n_layers * cfg.n_kv_heads
+    if isinstance(state, KVCache):
+        return CacheStats(
+            kind="full",
+            allocated_bytes=state.nbytes,
+            full_cache_bytes=int(seen_b.sum()) * per_token,
+            stored_entries=full_entries,
+            full_entries=full_entries,
+            kv_ratio=1.0,
+            admission_per_layer=[1.0] * cfg.n_layers,
+            evicted=0,
+        )
+    w = state.window
+    length_lbk = np.asarray(state.length)
+    evicted_lbk = np.asarray(state.evicted)
+    stored = np.minimum(seen_b, w)[None, :, None] + length_lbk
+    left_b = np.maximum(seen_b - w, 0)  # tokens that went through the window
+    admitted_l = (length_lbk + evicted_lbk).sum(axis=(1, 2))
+    left_total = max(int(left_b.sum()) * cfg.n_kv_heads, 1)
+    return CacheStats(
+        kind="dual",
+        allocated_bytes=state.kv_nbytes,
+        full_cache_bytes=int(seen_b.sum()) * per_token,
+        stored_entries=int(stored.sum()),
+        full_entries=full_entries,
+        kv_ratio=float(np.mean((w + length_lbk) / seen_b[None, :, None])),
+        admission_per_layer=[float(a) / left_total for a in admitted_l],
+        evicted=int(evicted_lbk.sum()),
+        capacity=state.capacity,
+        window=w,
+    )
