@@ -1,7 +1,8 @@
-"""Generate text from the command line.
+"""Generate text from the command line, with the WG-KV dual cache (default) or a full cache.
 
 python -m infer.generate --prompt "The capital of France is" --max-new-tokens 8 --temperature 0
-python -m infer.generate --model /path/to/hf_dir --prompt-file long.txt --no-chat
+python -m infer.generate --ckpt runs/gate --prompt-file long.txt --window 256 --capacity 2048
+python -m infer.generate --model /path/to/hf_dir --prompt-file long.txt --no-chat --full-cache
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tyro
 
 @dataclasses.dataclass(frozen=True)
 class GenerateArgs:
-    """Generate a continuation with a full KV cache."""
+    """Generate a continuation; admitted KV entries go to a fixed-capacity global cache."""
 
     prompt: str | None = None
     """Prompt text."""
@@ -42,6 +43,24 @@ class GenerateArgs:
     """Size of the `model` mesh axis; the remaining devices form the `data` axis."""
     stream: bool = True
     """Print tokens as they are generated."""
+    ckpt: str | None = None
+    """Gate: a gate.safetensors file, a training output directory, or 'all' / 'none' / 'random:<rate>'.
+    Default: the gate shipped for the model."""
+    full_cache: bool = False
+    """Use a plain full KV cache (the baseline) instead of the dual cache."""
+    window: int | None = None
+    """Local window W (default: the gate's training window, else 256)."""
+    capacity: int | None = None
+    """Global cache slots per layer and KV head (default: capacity_fraction of the tokens beyond W)."""
+    capacity_fraction: float = 0.5
+    chunk: int = 512
+    """Prefill chunk length (power of two)."""
+    tau: float = 0.1
+    """Admission threshold: a token is admitted iff g > tau."""
+    overflow: Literal["evict_lowest", "error"] = "evict_lowest"
+    """When the global cache is full: drop the lowest-scored entry, or stop with an error."""
+    defer_gating: bool = False
+    """Gate the local ring once every W decode steps instead of every token."""
 
 
 def main(args: GenerateArgs) -> int:
@@ -61,6 +80,23 @@ def main(args: GenerateArgs) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     chat = bool(args.chat and model.tokenizer is not None and model.tokenizer.chat_template)
+    dual = {}
+    if not args.full_cache:
+        try:
+            gate = wgkv_jax.load_gate(model, args.ckpt, tau=args.tau)
+            cache = wgkv_jax.CacheConfig(
+                window=args.window or gate.window or 256,
+                capacity=args.capacity,
+                capacity_fraction=args.capacity_fraction,
+                chunk=args.chunk,
+                tau=args.tau,
+                overflow=args.overflow,
+                defer_gating=args.defer_gating,
+            )
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        dual = {"gate": gate, "cache": cache}
 
     def emit(row: int, piece: str) -> None:
         sys.stdout.write(piece)
@@ -78,8 +114,9 @@ def main(args: GenerateArgs) -> int:
             chat=chat,
             system=args.system,
             stream=emit if args.stream else None,
+            **dual,
         )
-    except ValueError as e:
+    except (ValueError, wgkv_jax.CapacityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.stream:
@@ -89,9 +126,10 @@ def main(args: GenerateArgs) -> int:
     print(
         f"[{model.config.name}] prompt {n_prompt} tok, generated {n_new} tok | "
         f"prefill {n_prompt / out.prefill_s:.0f} tok/s, decode {out.decode_tokens_per_s:.1f} tok/s "
-        f"(first call includes compilation) | KV cache {out.cache_bytes / 2**20:.1f} MiB (full cache)",
+        f"(first call includes compilation)",
         file=sys.stderr,
     )
+    print(f"[{'full' if args.full_cache else 'dual'} cache] {out.cache_stats.summary()}", file=sys.stderr)
     return 0
 
 

@@ -4,11 +4,14 @@ Public API::
 
     model = wgkv_jax.load_model("smollm2-135m")      # or an HF directory / .gguf file
     logits = model.logits(token_ids)                  # float32 [B, T, V]
-    out = wgkv_jax.generate(model, ["Hello"], max_new_tokens=32)
+    out = wgkv_jax.generate(model, ["Hello"], max_new_tokens=32)                 # full KV cache
+    out = wgkv_jax.generate(model, [long_text], cache=wgkv_jax.CacheConfig())  # WG-KV dual cache
+    print(out.cache_stats.summary())
 """
 
-from wgkv_jax.api import DEFAULT_MODEL, NAMED_MODELS, Model, generate, load_model
-from wgkv_jax.infer.generate import ContextLengthError, GenerationResult
+from wgkv_jax.api import DEFAULT_MODEL, NAMED_MODELS, Gate, Model, generate, load_gate, load_model
+from wgkv_jax.cache import CacheConfig, CapacityError, FixedAdmission, GateAdmission
+from wgkv_jax.infer.generate import CacheStats, ContextLengthError, GenerationResult
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.model.config import ModelConfig, RopeScaling
 from wgkv_jax.sharding import make_mesh
@@ -19,7 +22,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "NAMED_MODELS",
+    "CacheConfig",
+    "CacheStats",
+    "CapacityError",
     "ContextLengthError",
+    "FixedAdmission",
+    "Gate",
+    "GateAdmission",
     "GenerationResult",
     "Model",
     "ModelConfig",
@@ -29,6 +38,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightsMismatchError",
     "generate",
+    "load_gate",
     "load_model",
     "make_mesh",
 ]

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from wgkv_jax import sharding
+from wgkv_jax import gates, sharding
+from wgkv_jax.cache.admission import Admission, FixedAdmission, GateAdmission
+from wgkv_jax.cache.dual import CacheConfig
 from wgkv_jax.infer.generate import GenerationResult, generate_ids
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.model.config import ModelConfig
@@ -62,6 +64,8 @@ class Model:
     tokenizer: TextTokenizer | None = None
     mesh: Mesh | None = None
     source: str = ""
+    name: str = ""
+    """The registered name when loaded by name (e.g. "smollm2-135m"); selects the shipped gate."""
 
     def logits(self, token_ids) -> jax.Array:
         """Float32 logits [B, T, V] of int32 token ids [B, T] (causal, positions 0..T-1)."""
@@ -121,7 +125,50 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=None, mesh: Me
         params = sharding.shard_tree(host, param_logical_axes(cfg), mesh)
     else:
         params = jax.device_put(host)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, mesh=mesh, source=str(path))
+    name = str(name_or_path) if str(name_or_path) in NAMED_MODELS else ""
+    return Model(config=cfg, params=params, tokenizer=tokenizer, mesh=mesh, source=str(path), name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """An admission rule ready for the dual cache: the rule, its stacked params, its training meta."""
+
+    admission: Admission
+    params: Params | None = None
+    meta: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    @property
+    def window(self) -> int | None:
+        """The local window the gate was trained with, if recorded."""
+        return (self.meta or {}).get("config", {}).get("window")
+
+
+FIXED_GATES = ("all", "none")
+
+
+def load_gate(model: Model, gate=None, *, tau: float = 0.1) -> Gate:
+    """Resolve `gate` for `model`: None (the shipped gate of a named model), a shipped gate name,
+    a gate.safetensors path or training directory, "all"/"none"/"random:<rate>", an `Admission`,
+    or a `Gate`. Shapes are checked against the model."""
+    if isinstance(gate, Gate):
+        return gate
+    if gate is None:
+        if model.name not in gates.SHIPPED:
+            raise ValueError(
+                f"no shipped gate for {model.name or model.source!r} (shipped: {sorted(gates.SHIPPED)}); pass "
+                f"gate=<gate.safetensors or training directory>, or gate='all' / 'none' / 'random:<rate>'"
+            )
+        gate = model.name
+    if isinstance(gate, str) and gate in FIXED_GATES:
+        return Gate(FixedAdmission(gate))
+    if isinstance(gate, str) and gate.startswith("random:"):
+        return Gate(FixedAdmission("random", rate=float(gate.split(":", 1)[1])))
+    if isinstance(gate, (str, Path)):
+        module, params, meta = gates.load(str(gate), model.config)
+        return Gate(GateAdmission(module, tau=tau), params, meta)
+    if callable(gate):
+        return Gate(gate)
+    raise TypeError(f"gate must be None, a name, a path, 'all'/'none'/'random:<rate>' or an Admission; got {gate!r}")
 
 
 def generate(
@@ -136,8 +183,14 @@ def generate(
     chat: bool | None = None,
     system: str | None = None,
     stream: Callable[[int, str], None] | None = None,
+    gate=None,
+    cache: CacheConfig | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts (texts or token-id lists) of any lengths.
+
+    With neither `gate` nor `cache` a full KV cache is used. Otherwise the WG-KV dual cache:
+    `cache` sets window/capacity/chunk/tau (default: `CacheConfig()` with the gate's training
+    window), `gate` picks admission (default: the model's shipped gate; see `load_gate`).
 
     Args:
       chat: apply the chat template (default: when the tokenizer has one). Ignored for ids.
@@ -154,6 +207,15 @@ def generate(
     on_token = None
     if stream is not None:
         on_token = _Detokenizer(model._require_tokenizer(), len(ids), eos, stream)
+    dual = {}
+    if gate is not None or cache is not None:
+        g = load_gate(model, gate, tau=cache.tau if cache is not None else 0.1)
+        if cache is None:
+            cache = CacheConfig(window=g.window or CacheConfig.window)
+        gate_params = g.params
+        if gate_params is not None and model.mesh is not None:
+            gate_params = jax.device_put(gate_params, sharding.replicated(model.mesh))
+        dual = {"cache": cache, "admission": g.admission, "gate_params": gate_params}
     new_ids, finished, stats = generate_ids(
         model.params,
         model.config,
@@ -164,6 +226,7 @@ def generate(
         eos_ids=eos,
         mesh=model.mesh,
         on_token=on_token,
+        **dual,
     )
     tokens = [[t for t in row if t not in eos] for row in new_ids]
     texts = [tok.decode(row) if tok is not None else "" for row in tokens]
@@ -175,6 +238,7 @@ def generate(
         prefill_s=stats["prefill_s"],
         decode_s=stats["decode_s"],
         cache_bytes=stats["cache_bytes"],
+        cache_stats=stats["cache"],
     )
 
 

@@ -76,5 +76,7 @@ class FixedAdmission:
         head_k = jnp.arange(k, dtype=jnp.uint32)[None, :, None]
         pos = pos_bt.astype(jnp.uint32)[:, None, :]
         salt = _mix32(jnp.uint32(self.seed) * jnp.uint32(0x9E3779B9) + jnp.asarray(layer).astype(jnp.uint32))
-        u_bkt = _mix32(_mix32(pos * jnp.uint32(0x9E3779B9) ^ salt) ^ _mix32(head_k + salt)).astype(jnp.float32) / 2.0**32
+        u_bkt = (
+            _mix32(_mix32(pos * jnp.uint32(0x9E3779B9) ^ salt) ^ _mix32(head_k + salt)).astype(jnp.float32) / 2.0**32
+        )
         return u_bkt < self.rate, 1.0 - u_bkt

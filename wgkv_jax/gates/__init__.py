@@ -42,7 +42,8 @@ SHIPPED: dict[str, str] = {"smollm2-135m": "smollm2-135m-lambda0.16.safetensors"
 
 
 def load(name_or_path: str, cfg: ModelConfig):
-    """A trained gate: (module, stacked params, meta) from a shipped name or a gate.safetensors path.
+    """A trained gate: (module, stacked params, meta) from a shipped name, a gate.safetensors file,
+    or a training output directory (which holds gate.safetensors).
 
     The file's training config names the architecture; shapes are checked against `cfg`.
     """
@@ -53,8 +54,15 @@ def load(name_or_path: str, cfg: ModelConfig):
     path = (
         Path(__file__).resolve().parents[1] / "assets" / "gates" / SHIPPED[name_or_path]
         if name_or_path in SHIPPED
-        else Path(name_or_path)
+        else Path(name_or_path).expanduser()
     )
+    if path.is_dir():
+        if not (path / "gate.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{path} is a directory without gate.safetensors; pass a gate file, a training output directory "
+                f"(train.distill writes gate.safetensors there), or one of the shipped gates {sorted(SHIPPED)}"
+            )
+        path = path / "gate.safetensors"
     params, meta = load_gate_safetensors(path, cfg)
     train_cfg = meta.get("config", {})
     gate = make(train_cfg.get("gate", "wgkv"), cfg, expand=train_cfg.get("expand", 4.0))
