@@ -6,24 +6,30 @@ Semantics (DESIGN.md, reference/wgkv.md section 4): query i of KV head h attends
 
 Layout (layers stacked on a leading axis, everything static-shaped)::
 
-    ring_k, ring_v   [L, B, K, W, E]   token at position p lives in slot p mod W
-    ring_kpre        [L, B, K, W, E]   its pre-RoPE key (only for deferred gating; else W = 0)
-    ring_admit       [L, B, K, W]      its admission bit, ring_score its gate score
+    ring_k, ring_v   [L, B, K, R, E]   token at position p lives in slot p mod R, R = W + chunk
+    ring_kpre        [L, B, K, R, E]   its pre-RoPE key (only for deferred gating; else size 0)
+    ring_admit       [L, B, K, R]      its admission bit, ring_score its gate score
     glob_k, glob_v   [L, B, K, C, E]   admitted tokens that left the window, compacted
     glob_pos, glob_score [L, B, K, C]  their absolute positions and scores
     length           [L, B, K]         used global slots per head (ragged across heads)
     evicted          [L, B, K]         admitted tokens dropped because the store was full
 
 Every row's positions are contiguous (left padding gives pad tokens negative positions, which
-are never stored or attended), so the ring needs no position array: before a chunk starting at
-position c0, slot s holds position c0 - W + ((s - c0) mod W), valid when >= 0.
+are never stored or attended), so the ring needs no position array: after a chunk ending at
+position e - 1, slot s holds position e - R + ((s - e) mod R), valid when >= 0. The ring keeps
+`chunk` spare slots beyond the window so that a chunk's writes never overwrite a token that
+has yet to be promoted, and every buffer is written before it is read (XLA then updates the
+stacked buffers in place instead of copying them for each layer).
 
-One function, `DualAttend`, handles a chunk of any length T (T = 1 is a decode step):
-  1. attention of the chunk over [ring; global; chunk] with the masks of A_i;
+One function, `DualAttend`, handles a chunk of any length T <= chunk (T = 1 is a decode step):
+  1. the chunk's K/V, admission bits and scores are written into the ring;
   2. the T tokens that leave the window (positions c0 - W ... c0 - W + T - 1) are promoted to
      the global store if admitted (cumsum compaction + scatter with mode="drop");
-  3. the chunk's last min(T, W) tokens are written into the ring.
-On overflow the store keeps the highest-scored entries (default) and counts the rest in `evicted`.
+  3. attention of the chunk over the ring (keys within the window) and the global store (keys
+     older than the window, all admitted), i.e. exactly A_i.
+On overflow the store keeps the highest-scored entries (default) and counts the rest in `evicted`;
+a kept newcomer takes the slot of an evicted entry, so after an eviction the slots are no longer
+in position order (attention does not care; `glob_pos` keeps every entry's position).
 
 Axis letters: l layer, b batch, k KV head, w ring slot, c global slot, t chunk time,
 g query head in a GQA group, e head dim, m = (t, g) folded query rows, s key slot.
@@ -97,7 +103,6 @@ class CacheConfig:
         return -(-want // self.block) * self.block
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DualCache:
     ring_k: jax.Array
@@ -111,29 +116,40 @@ class DualCache:
     glob_score: jax.Array
     length: jax.Array
     evicted: jax.Array
+    window: int = dataclasses.field(default=256, metadata={"static": True})
 
     @classmethod
     def zeros(
-        cls, cfg: ModelConfig, batch: int, window: int, capacity: int, dtype=jnp.float32, *, defer: bool = False
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        window: int,
+        capacity: int,
+        dtype=jnp.float32,
+        *,
+        chunk: int = 1,
+        defer: bool = False,
     ) -> DualCache:
+        """An empty cache for chunks of up to `chunk` tokens (the ring holds W + chunk slots)."""
         lbk = (cfg.n_layers, batch, cfg.n_kv_heads)
-        e = cfg.head_dim
+        e, ring = cfg.head_dim, window + chunk
         return cls(
-            ring_k=jnp.zeros((*lbk, window, e), dtype),
-            ring_v=jnp.zeros((*lbk, window, e), dtype),
-            ring_kpre=jnp.zeros((*lbk, window if defer else 0, e), dtype),
-            ring_admit=jnp.zeros((*lbk, window), bool),
-            ring_score=jnp.zeros((*lbk, window), jnp.float32),
+            ring_k=jnp.zeros((*lbk, ring, e), dtype),
+            ring_v=jnp.zeros((*lbk, ring, e), dtype),
+            ring_kpre=jnp.zeros((*lbk, ring if defer else 0, e), dtype),
+            ring_admit=jnp.zeros((*lbk, ring), bool),
+            ring_score=jnp.zeros((*lbk, ring), jnp.float32),
             glob_k=jnp.zeros((*lbk, capacity, e), dtype),
             glob_v=jnp.zeros((*lbk, capacity, e), dtype),
             glob_pos=jnp.full((*lbk, capacity), -1, jnp.int32),
             glob_score=jnp.zeros((*lbk, capacity), jnp.float32),
             length=jnp.zeros(lbk, jnp.int32),
             evicted=jnp.zeros(lbk, jnp.int32),
+            window=window,
         )
 
     @property
-    def window(self) -> int:
+    def ring_size(self) -> int:
         return self.ring_k.shape[3]
 
     @property
@@ -151,11 +167,19 @@ class DualCache:
         return self.ring_k.nbytes + self.ring_v.nbytes + self.glob_k.nbytes + self.glob_v.nbytes
 
     @staticmethod
-    def logical_axes() -> DualCache:
+    def logical_axes(window: int) -> DualCache:
+        """Logical axis names of every buffer (a pytree of the same structure as a cache of `window`)."""
         kv = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
         bits = ("layers", "batch", "kv_heads", "cache_seq")
         heads = ("layers", "batch", "kv_heads")
-        return DualCache(kv, kv, kv, bits, bits, kv, kv, bits, bits, heads, heads)
+        return DualCache(kv, kv, kv, bits, bits, kv, kv, bits, bits, heads, heads, window=window)
+
+
+jax.tree_util.register_dataclass(
+    DualCache,
+    data_fields=[f.name for f in dataclasses.fields(DualCache) if f.name != "window"],
+    meta_fields=["window"],
+)
 
 
 # ----------------------------------------------------------------------------- attention over parts
@@ -186,65 +210,49 @@ def parts_attention(q_btkge, parts):
 # ----------------------------------------------------------------------------- the attend hook
 
 
-def _gather_slots(x_bkw_, slots_bn):
-    """x[b, k, slots[b, n]] for per-row slot indices: [B, K, W, ...] -> [B, K, N, ...]."""
-    return jax.vmap(lambda x, s: jnp.take(x, s, axis=1))(x_bkw_, slots_bn)
+def _slot_dest(length_bk, g_score_bkc, ok_bkn, c_score_bkn):
+    """Where each promotion candidate goes: a global slot, or C (dropped). Also the new lengths.
 
-
-def _scatter_slots(x_bkw_, slots_bn, new_bkn_):
-    """x[b, k, slots[b, n]] = new[b, k, n] (slots >= W are dropped)."""
-    return jax.vmap(lambda x, s, y: x.at[:, s].set(y, mode="drop"))(x_bkw_, slots_bn, new_bkn_)
-
-
-def _promote(glob, length_bk, evicted_bk, cand, ok_bkn, pos_bkn):
-    """Append the admitted candidates (in order) to the global store; on overflow keep the top scores.
-
-    glob: (k, v, pos, score) of one layer [B, K, C, ...]; cand: (k, v, score) [B, K, N, ...].
+    While the admitted candidates fit, they are appended at length, length + 1, ... in order.
+    Otherwise the store keeps the C best scores among (stored U admitted candidates): each
+    kept candidate takes a freed slot (the lowest-scored entries' slots, then empty ones), so
+    only the new entries are written and the valid slots stay a prefix [0, length).
     """
-    g_k, g_v, g_pos, g_score = glob
-    c_k, c_v, c_score = cand
-    cap = g_k.shape[2]
+    cap = g_score_bkc.shape[-1]
     n_ok_bk = jnp.sum(ok_bkn, axis=-1, dtype=jnp.int32)
-    fits = jnp.all(length_bk + n_ok_bk <= cap)
+    rank_bkn = jnp.cumsum(ok_bkn, axis=-1, dtype=jnp.int32) - 1
 
     def append(_):
-        dest_bkn = jnp.where(ok_bkn, length_bk[..., None] + jnp.cumsum(ok_bkn, axis=-1) - 1, cap)
-        put = jax.vmap(jax.vmap(lambda x, i, y: x.at[i].set(y, mode="drop")))
-        return (
-            put(g_k, dest_bkn, c_k.astype(g_k.dtype)),
-            put(g_v, dest_bkn, c_v.astype(g_v.dtype)),
-            put(g_pos, dest_bkn, pos_bkn),
-            put(g_score, dest_bkn, c_score),
-            length_bk + n_ok_bk,
-            evicted_bk,
-        )
+        return jnp.where(ok_bkn, length_bk[..., None] + rank_bkn, cap)
 
-    def keep_top(_):  # stored U admitted candidates -> the `cap` best scores, in original order
+    def keep_best(_):
         slot_c = jnp.arange(cap)
         s_all = jnp.concatenate(
-            [jnp.where(slot_c < length_bk[..., None], g_score, -jnp.inf), jnp.where(ok_bkn, c_score, -jnp.inf)], -1
+            [jnp.where(slot_c < length_bk[..., None], g_score_bkc, -jnp.inf), jnp.where(ok_bkn, c_score_bkn, -jnp.inf)],
+            axis=-1,
         )
-        _, top = jax.lax.top_k(s_all, cap)
-        valid = jnp.take_along_axis(s_all, top, axis=-1) > -jnp.inf
-        order = jnp.sort(jnp.where(valid, top, top + s_all.shape[-1]), axis=-1) % s_all.shape[-1]
-        valid = jnp.take_along_axis(s_all, order, axis=-1) > -jnp.inf
+        _, top = jax.lax.top_k(s_all, cap)  # ties keep the lower index: stored before new, older first
+        kept = jnp.zeros(s_all.shape, bool)
+        kept = jax.vmap(jax.vmap(lambda m, i: m.at[i].set(True)))(kept, top) & (s_all > -jnp.inf)
+        hole_bkc, new_bkn = ~kept[..., :cap], kept[..., cap:]
+        hole_rank = jnp.cumsum(hole_bkc, axis=-1) - 1
+        slot_of_rank = jax.vmap(
+            jax.vmap(lambda h, r: jnp.full(cap, cap).at[jnp.where(h, r, cap)].set(slot_c, mode="drop"))
+        )(hole_bkc, hole_rank)
+        new_rank = jnp.cumsum(new_bkn, axis=-1) - 1
+        return jnp.where(new_bkn, jnp.take_along_axis(slot_of_rank, jnp.maximum(new_rank, 0), axis=-1), cap)
 
-        def pick(stored, new):
-            both = jnp.concatenate([stored, new.astype(stored.dtype)], axis=2)
-            idx = order.reshape(order.shape + (1,) * (both.ndim - 3))
-            return jnp.take_along_axis(both, idx, axis=2)
-
-        new_len = jnp.sum(valid, axis=-1, dtype=jnp.int32)
-        return (
-            pick(g_k, c_k),
-            pick(g_v, c_v),
-            jnp.where(valid, pick(g_pos, pos_bkn), -1),
-            pick(g_score, c_score),
-            new_len,
-            evicted_bk + length_bk + n_ok_bk - new_len,
-        )
-
-    return jax.lax.cond(fits, append, keep_top, None)
+    if ok_bkn.shape[-1] == 1:  # decode: one candidate replaces the lowest score if it beats it
+        slot_c = jnp.arange(cap)
+        low_bk = jnp.argmin(jnp.where(slot_c < length_bk[..., None], g_score_bkc, jnp.inf), axis=-1)
+        beats = c_score_bkn[..., 0] > jnp.take_along_axis(g_score_bkc, low_bk[..., None], axis=-1)[..., 0]
+        full_dest = jnp.where(beats, low_bk, cap)
+        dest_bkn = jnp.where(ok_bkn, jnp.where(length_bk < cap, length_bk, full_dest)[..., None], cap)
+    else:
+        fits = jnp.all(length_bk + n_ok_bk <= cap)
+        dest_bkn = jax.lax.cond(fits, append, keep_best, None)
+    new_len = jnp.minimum(length_bk + n_ok_bk, cap)
+    return dest_bkn, new_len, length_bk + n_ok_bk - new_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +261,9 @@ class DualAttend:
 
     `defer_gating` (decode only, T == 1): the new token's gate is not computed; the whole ring is
     gated once its slot W - 1 is written, before any of those tokens can leave the window.
+
+    All writes are scatters into the stacked [L, ...] buffers (in place under donation); reads
+    of the layer's ring and store feed the attention.
     """
 
     admission: Admission
@@ -260,15 +271,12 @@ class DualAttend:
 
     def __call__(self, cache: DualCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
         b, t, k = q_btkgd.shape[:3]
-        w, cap = cache.window, cache.capacity
+        w, r, cap = cache.window, cache.ring_size, cache.capacity
+        if t > r - w:
+            raise ValueError(f"a chunk of {t} tokens needs a ring of W + {t} slots; this cache has {r} (W = {w})")
         c0_b = pos_bt[:, 0]
-        lay = lambda x: x[layer]  # noqa: E731
-        ring_k, ring_v, ring_admit, ring_score = map(
-            lay, (cache.ring_k, cache.ring_v, cache.ring_admit, cache.ring_score)
-        )
-        glob = tuple(map(lay, (cache.glob_k, cache.glob_v, cache.glob_pos, cache.glob_score)))
-        length_bk, evicted_bk = cache.length[layer], cache.evicted[layer]
         k_bkte, v_bkte = jnp.swapaxes(k_btke, 1, 2), jnp.swapaxes(v_btke, 1, 2)
+        bb, kk = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
 
         defer = self.defer_gating and t == 1
         if defer:
@@ -278,89 +286,86 @@ class DualAttend:
             admit_bkt, score_bkt = self.admission(layer, p, k_pre_btke, k_btke, v_btke, pos_bt)
         admit_bkt = admit_bkt & (pos_bt >= 0)[:, None, :]
 
-        # 1. attention over [ring; global; chunk]
-        slot_w = jnp.arange(w)
-        ring_pos_bw = c0_b[:, None] - w + jnp.mod(slot_w[None, :] - c0_b[:, None], w)
-        q_pos_bt = pos_bt
-        dist_btw = q_pos_bt[:, :, None] - ring_pos_bw[:, None, :]
-        ring_mask = (ring_pos_bw >= 0)[:, None, None, :] & (
-            (dist_btw < w)[:, None] | ring_admit[:, :, None, :]
-        )  # [B, K, T, W]
-        glob_mask = jnp.broadcast_to(
-            (jnp.arange(cap)[None, None, :] < length_bk[..., None])[:, :, None, :], (b, k, t, cap)
-        )
-        i_t, j_t = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-        self_mask = ((j_t <= i_t)[None, None] & (((i_t - j_t) < w)[None, None] | admit_bkt[:, :, None, :])) & (
-            pos_bt >= 0
-        )[:, None, None, :]
-        out = parts_attention(
-            q_btkgd,
-            [(ring_k, ring_v, ring_mask), (glob[0], glob[1], glob_mask), (k_bkte, v_bkte, self_mask)],
-        )
-
-        # 2. promote the tokens leaving the window: positions c0 - W + n, n < T
-        n_ring = min(t, w)
-        leave_pos_bn = c0_b[:, None] - w + jnp.arange(t)[None, :]
-        slots_bn = jnp.mod(leave_pos_bn[:, :n_ring], w)
-        cand_k, cand_v = _gather_slots(ring_k, slots_bn), _gather_slots(ring_v, slots_bn)
-        cand_admit, cand_score = _gather_slots(ring_admit, slots_bn), _gather_slots(ring_score, slots_bn)
-        if t > w:  # chunk tokens that are already out of the window when the chunk ends
-            cand_k = jnp.concatenate([cand_k, k_bkte[:, :, : t - w]], axis=2)
-            cand_v = jnp.concatenate([cand_v, v_bkte[:, :, : t - w]], axis=2)
-            cand_admit = jnp.concatenate([cand_admit, admit_bkt[:, :, : t - w]], axis=2)
-            cand_score = jnp.concatenate([cand_score, score_bkt[:, :, : t - w]], axis=2)
-        ok_bkn = cand_admit & (leave_pos_bn >= 0)[:, None, :]
-        pos_bkn = jnp.broadcast_to(leave_pos_bn[:, None, :], ok_bkn.shape)
-        g_k, g_v, g_pos, g_score, length_bk, evicted_bk = _promote(
-            glob, length_bk, evicted_bk, (cand_k, cand_v, cand_score), ok_bkn, pos_bkn
-        )
-
-        # 3. the chunk's last min(T, W) tokens enter the ring
-        keep = slice(t - n_ring, t)
-        new_slots_bn = jnp.mod(pos_bt[:, keep], w)
-        ring_k = _scatter_slots(ring_k, new_slots_bn, k_bkte[:, :, keep].astype(ring_k.dtype))
-        ring_v = _scatter_slots(ring_v, new_slots_bn, v_bkte[:, :, keep].astype(ring_v.dtype))
-        ring_admit = _scatter_slots(ring_admit, new_slots_bn, admit_bkt[:, :, keep])
-        ring_score = _scatter_slots(ring_score, new_slots_bn, score_bkt[:, :, keep])
+        # Every write comes before every read of the same buffer (XLA then updates in place).
+        # 1. the chunk enters the ring at slots p mod R; it overwrites positions p - R, which
+        #    left the window before this chunk began (R >= W + T).
+        at = (layer, bb, kk, jnp.mod(pos_bt, r)[:, None, :])
+        ring_k = cache.ring_k.at[at].set(k_bkte.astype(cache.ring_k.dtype))
+        ring_v = cache.ring_v.at[at].set(v_bkte.astype(cache.ring_v.dtype))
+        ring_admit = cache.ring_admit.at[at].set(admit_bkt)
+        ring_score = cache.ring_score.at[at].set(score_bkt)
         ring_kpre = cache.ring_kpre
-        if cache.ring_kpre.shape[3]:  # deferred gating keeps the pre-RoPE keys
-            kpre_bkte = jnp.swapaxes(k_pre_btke, 1, 2)[:, :, keep]
-            ring_kpre_l = _scatter_slots(ring_kpre[layer], new_slots_bn, kpre_bkte.astype(ring_kpre.dtype))
+        if ring_kpre.shape[3]:  # deferred gating keeps the pre-RoPE keys
+            ring_kpre = ring_kpre.at[at].set(jnp.swapaxes(k_pre_btke, 1, 2).astype(ring_kpre.dtype))
             if defer:
                 ring_admit, ring_score = self._refresh(
-                    layer, p, ring_kpre_l, ring_k, ring_v, ring_admit, ring_score, pos_bt[:, 0]
+                    layer, p, w, ring_kpre, ring_k, ring_v, ring_admit, ring_score, c0_b
                 )
-            ring_kpre = ring_kpre.at[layer].set(ring_kpre_l)
 
-        put = lambda full, x: full.at[layer].set(x)  # noqa: E731
+        # 2. the T tokens leaving the window (positions c0 - W + n) move to the global store
+        #    if admitted: appended, or replacing lower scores when the store is full
+        leave_pos_bn = c0_b[:, None] - w + jnp.arange(t)[None, :]
+        leave_at = (layer, bb, kk, jnp.mod(leave_pos_bn, r)[:, None, :])
+        ok_bkn = ring_admit[leave_at] & (leave_pos_bn >= 0)[:, None, :]
+        cand_score = ring_score[leave_at]
+        length_bk = cache.length[layer]
+        dest_bkn, new_len, over = _slot_dest(length_bk, cache.glob_score[layer], ok_bkn, cand_score)
+        g_at = (layer, bb, kk, dest_bkn)
+        pos_bkn = jnp.broadcast_to(leave_pos_bn[:, None, :], ok_bkn.shape)
+        glob_k = cache.glob_k.at[g_at].set(ring_k[leave_at], mode="drop")
+        glob_v = cache.glob_v.at[g_at].set(ring_v[leave_at], mode="drop")
+        glob_pos = cache.glob_pos.at[g_at].set(pos_bkn, mode="drop")
+        glob_score = cache.glob_score.at[g_at].set(cand_score, mode="drop")
+
+        # 3. attention: in-window keys (i - j < W) from the ring, older ones from the global
+        #    store, which now holds every admitted token that left the window
+        end_b = c0_b + t  # ring slot s holds position end - R + ((s - end) mod R)
+        ring_pos_br = end_b[:, None] - r + jnp.mod(jnp.arange(r)[None, :] - end_b[:, None], r)
+        dist_btr = pos_bt[:, :, None] - ring_pos_br[:, None, :]
+        ring_mask = ((dist_btr >= 0) & (dist_btr < w) & (ring_pos_br >= 0)[:, None, :])[:, None]
+        glob_mask = (jnp.arange(cap)[None, None, None, :] < new_len[..., None, None]) & (
+            pos_bt[:, None, :, None] - glob_pos[layer][:, :, None, :] >= w
+        )
+        out = parts_attention(
+            q_btkgd,
+            [
+                (ring_k[layer], ring_v[layer], jnp.broadcast_to(ring_mask, (b, k, t, r))),
+                (glob_k[layer], glob_v[layer], glob_mask),
+            ],
+        )
         new = DualCache(
-            ring_k=put(cache.ring_k, ring_k),
-            ring_v=put(cache.ring_v, ring_v),
+            ring_k=ring_k,
+            ring_v=ring_v,
             ring_kpre=ring_kpre,
-            ring_admit=put(cache.ring_admit, ring_admit),
-            ring_score=put(cache.ring_score, ring_score),
-            glob_k=put(cache.glob_k, g_k),
-            glob_v=put(cache.glob_v, g_v),
-            glob_pos=put(cache.glob_pos, g_pos),
-            glob_score=put(cache.glob_score, g_score),
-            length=put(cache.length, length_bk),
-            evicted=put(cache.evicted, evicted_bk),
+            ring_admit=ring_admit,
+            ring_score=ring_score,
+            glob_k=glob_k,
+            glob_v=glob_v,
+            glob_pos=glob_pos,
+            glob_score=glob_score,
+            length=cache.length.at[layer].set(new_len),
+            evicted=cache.evicted.at[layer].add(over),
+            window=w,
         )
         return out.astype(v_btke.dtype), new
 
-    def _refresh(self, layer, p, kpre_bkwe, k_bkwe, v_bkwe, admit_bkw, score_bkw, pos_b):
-        """Gate the whole ring of the rows whose newest token sits in slot W - 1."""
-        w = k_bkwe.shape[2]
+    def _refresh(self, layer, p, w, ring_kpre, ring_k, ring_v, ring_admit, ring_score, pos_b):
+        """Gate the last W tokens of the rows whose newest token has position = W - 1 (mod W)."""
+        r = ring_k.shape[3]
         due_b = jnp.mod(pos_b, w) == w - 1
 
         def run(_):
-            ring_pos_bw = pos_b[:, None] - w + 1 + jnp.arange(w)[None, :]  # slot s holds pos - W + 1 + s
+            win_pos_bw = pos_b[:, None] - w + 1 + jnp.arange(w)[None, :]
+            b, k = ring_k.shape[1], ring_k.shape[2]
+            at = (layer, jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], jnp.mod(win_pos_bw, r)[:, None])
             swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-            a, s = self.admission(layer, p, swap(kpre_bkwe), swap(k_bkwe), swap(v_bkwe), ring_pos_bw)
-            a = a & (ring_pos_bw >= 0)[:, None, :]
-            return jnp.where(due_b[:, None, None], a, admit_bkw), jnp.where(due_b[:, None, None], s, score_bkw)
+            a, s = self.admission(layer, p, swap(ring_kpre[at]), swap(ring_k[at]), swap(ring_v[at]), win_pos_bw)
+            due = due_b[:, None, None]
+            a = jnp.where(due, a & (win_pos_bw >= 0)[:, None, :], ring_admit[at])
+            s = jnp.where(due, s, ring_score[at])
+            return ring_admit.at[at].set(a), ring_score.at[at].set(s)
 
-        return jax.lax.cond(jnp.any(due_b), run, lambda _: (admit_bkw, score_bkw), None)
+        return jax.lax.cond(jnp.any(due_b), run, lambda _: (ring_admit, ring_score), None)
 
 
 def stored_entries(cache: DualCache, seen_b) -> jax.Array:

@@ -286,7 +286,8 @@ def generate_ids(
         capacity = cache.resolve_capacity(longest + max_new_tokens)
         w = cache.window
         state = put(
-            lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, defer=cache.defer_gating), DualCache.logical_axes()
+            lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, chunk=chunk, defer=cache.defer_gating),
+            DualCache.logical_axes(w),
         )
         tokens_bt = np.zeros((batch, t_bucket), np.int32)
         for i, p in enumerate(prompts):
