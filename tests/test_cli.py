@@ -24,7 +24,8 @@ def test_generate_cli_completion_and_chat():
     done = run_cli("--prompt", "The capital of France is", "--max-new-tokens", "8", "--temperature", "0", "--no-chat")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
-    assert "decode" in done.stderr and "KV cache" in done.stderr
+    assert "decode" in done.stderr and "[dual cache] KV entries" in done.stderr  # the shipped gate by default
+    assert "admitted % per layer" in done.stderr
     done = run_cli("--prompt", "What is the capital of France?", "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
@@ -37,6 +38,21 @@ def test_generate_cli_errors(tmp_path):
     assert done.returncode == 2 and "nowhere" in done.stderr and "does not exist" in done.stderr
     done = run_cli()
     assert done.returncode == 2 and "exactly one of --prompt or --prompt-file" in done.stderr
+    done = run_cli("--prompt", "hi", "--ckpt", str(tmp_path / "no_gate.safetensors"))
+    assert done.returncode == 2 and "gate checkpoint not found" in done.stderr
+    done = run_cli("--prompt", "hi", "--window", "100")
+    assert done.returncode == 2 and "window=100 must be a positive multiple of the kernel block size 16" in done.stderr
+
+
+@pytest.mark.slow
+def test_generate_cli_full_cache_and_fixed_admission():
+    args = ("--prompt", "The capital of France is", "--max-new-tokens", "6", "--temperature", "0", "--no-chat")
+    done = run_cli(*args, "--full-cache")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "[full cache]" in done.stderr
+    done = run_cli(*args, "--ckpt", "none", "--window", "16", "--chunk", "16", "--capacity", "16")
+    assert done.returncode == 0, done.stderr
+    assert "W=16 C=16" in done.stderr and "admitted % per layer: 0 0 0" in done.stderr
 
 
 @pytest.mark.slow

@@ -365,3 +365,20 @@ def test_capacity_resolution():
     assert CacheConfig(capacity=100).resolve_capacity(10_000) == 100
     assert CacheConfig(window=256, capacity_fraction=0.5, block=16).resolve_capacity(4096 + 256) == 2048
     assert CacheConfig(window=256).resolve_capacity(10) == 16  # never zero-sized
+
+
+def test_gate_that_does_not_fit_the_model_is_refused(tmp_path, params):
+    import dataclasses
+
+    from wgkv_jax.api import Model, load_gate
+    from wgkv_jax.train.checkpoint import export_gate_safetensors
+
+    other = dataclasses.replace(CFG, n_layers=3, head_dim=8)
+    gate = gates.make("wgkv", other)
+    export_gate_safetensors(tmp_path / "g.safetensors", gates.init_stacked(gate, other, jax.random.PRNGKey(0)), {})
+    model = Model(config=CFG, params=params)
+    with pytest.raises(ValueError, match=r"3 layers, the model has 2 layers; .*head_dim 8, the model has head_dim 16"):
+        load_gate(model, tmp_path / "g.safetensors")
+    with pytest.raises(ValueError, match="no shipped gate"):
+        load_gate(model, None)
+    assert load_gate(model, "random:0.25").admission == FixedAdmission("random", rate=0.25)
