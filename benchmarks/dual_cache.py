@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--capacity-fractions", type=float, nargs="+", default=[0.5])
+    p.add_argument("--defer-gating", action="store_true", help="dual settings gate the ring once per W steps")
     p.add_argument("--random", action="store_true", help="also random admission at the gate's rate")
     p.add_argument("--no-local", action="store_true", help="skip the window-only baseline")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -105,7 +106,9 @@ def main(argv=None) -> int:
                 ids = ids[len(ids) + args.new_tokens - context :]  # trim the haystack's start
             settings = [{"name": "full", "cache": None, "gate": None}]
             for frac in args.capacity_fractions:
-                cc = wgkv_jax.CacheConfig(window=args.window, chunk=args.chunk, capacity_fraction=frac)
+                cc = wgkv_jax.CacheConfig(
+                    window=args.window, chunk=args.chunk, capacity_fraction=frac, defer_gating=args.defer_gating
+                )
                 settings.append({"name": f"dual@{frac:g}", "cache": cc, "gate": gate})
             base = wgkv_jax.CacheConfig(
                 window=args.window, chunk=args.chunk, capacity_fraction=args.capacity_fractions[0]
