@@ -302,6 +302,19 @@ def test_dual_generation_batch_equals_rows_alone_and_streaming(sharp):
     assert len(s.admission_per_layer) == CFG.n_layers and all(0 < r < 1 for r in s.admission_per_layer)
 
 
+def test_dual_generation_compiles_once_per_bucket(sharp):
+    import wgkv_jax.infer.generate as G
+
+    kw = dict(max_new_tokens=4, cache=CacheConfig(window=16, chunk=16), admission=FixedAdmission("random", 0.3))
+    generate_ids(sharp, CFG, [rand_tokens(20).tolist()], **kw)
+    before = (G.prefill_chunk._cache_size(), G.decode_loop._cache_size())
+    for n in (19, 20):  # the same prompt bucket (32) and capacity bucket (24 tokens in all)
+        _, _, stats = generate_ids(sharp, CFG, [rand_tokens(n).tolist()], **kw)
+        lengths = np.asarray(stats["cache"].global_lengths)
+        assert lengths.shape == (CFG.n_layers, 1, CFG.n_kv_heads) and (lengths <= stats["capacity"]).all()
+    assert (G.prefill_chunk._cache_size(), G.decode_loop._cache_size()) == before
+
+
 def test_dual_generation_greedy_matches_dense_recomputation(sharp):
     """Greedy tokens from the cache loop == argmax of the dense reference re-run on the sequence."""
     admission = FixedAdmission("random", rate=0.3, seed=5)
@@ -362,6 +375,9 @@ def test_dual_needs_both_cache_and_admission(sharp):
 
 
 def test_capacity_resolution():
+    from wgkv_jax.infer.generate import length_bucket
+
+    assert [length_bucket(n) for n in (1, 8, 9, 17, 100, 4096, 4097)] == [1, 8, 9, 18, 104, 4096, 4608]
     assert CacheConfig(capacity=100).resolve_capacity(10_000) == 100
     assert CacheConfig(window=256, capacity_fraction=0.5, block=16).resolve_capacity(4096 + 256) == 2048
     assert CacheConfig(window=256).resolve_capacity(10) == 16  # never zero-sized

@@ -46,6 +46,13 @@ def prompt_bucket(n: int) -> int:
     return max(MIN_PROMPT_BUCKET, 1 << (max(n, 1) - 1).bit_length())
 
 
+def length_bucket(n: int) -> int:
+    """n rounded up on a grid of 8 steps per power of two (the dual cache's capacity bucket):
+    at most 12.5% over n, and a compile only every such step."""
+    step = 1 << max((n - 1).bit_length() - 4, 0)
+    return -(-n // step) * step
+
+
 def cache_bucket(n: int) -> int:
     return -(-n // CACHE_ALIGN) * CACHE_ALIGN
 
@@ -65,6 +72,7 @@ class CacheStats:
       admission_per_layer: admitted fraction of the tokens that left the window, per layer.
       evicted: admitted entries dropped because the global store was full.
       capacity, window: the static sizes used (0 for a full cache).
+      global_lengths: used global slots per [layer][row][KV head] (dual cache; empty for full).
     """
 
     kind: str
@@ -77,6 +85,7 @@ class CacheStats:
     evicted: int
     capacity: int = 0
     window: int = 0
+    global_lengths: list = dataclasses.field(default_factory=list)
 
     @property
     def stored_fraction(self) -> float:
@@ -283,7 +292,7 @@ def generate_ids(
             params = dict(params, layers=dict(params["layers"], gate=gate_params))
         t_bucket = prompt_bucket(longest)
         chunk = min(t_bucket, cache.chunk)
-        capacity = cache.resolve_capacity(longest + max_new_tokens)
+        capacity = cache.resolve_capacity(length_bucket(longest + max_new_tokens))
         w = cache.window
         state = put(
             lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, chunk=chunk, defer=cache.defer_gating),
@@ -414,4 +423,5 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray) -> CacheStats:
         evicted=int(evicted_lbk.sum()),
         capacity=state.capacity,
         window=w,
+        global_lengths=length_lbk.tolist(),
     )
