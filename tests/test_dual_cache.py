@@ -398,3 +398,13 @@ def test_gate_that_does_not_fit_the_model_is_refused(tmp_path, params):
     with pytest.raises(ValueError, match="no shipped gate"):
         load_gate(model, None)
     assert load_gate(model, "random:0.25").admission == FixedAdmission("random", rate=0.25)
+    # a training output directory (gate.safetensors inside) loads like the file itself
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"directory without gate\.safetensors"):
+        load_gate(model, run)
+    fitting = gates.init_stacked(gates.make("wgkv", CFG), CFG, jax.random.PRNGKey(1))
+    export_gate_safetensors(run / "gate.safetensors", fitting, {"config": {"window": 64, "gate": "wgkv"}})
+    loaded = load_gate(model, run, tau=0.2)
+    assert loaded.window == 64 and loaded.admission.tau == 0.2
+    np.testing.assert_array_equal(loaded.params["w1"], fitting["w1"])
