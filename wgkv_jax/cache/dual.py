@@ -366,8 +366,3 @@ class DualAttend:
             return ring_admit.at[at].set(a), ring_score.at[at].set(s)
 
         return jax.lax.cond(jnp.any(due_b), run, lambda _: (ring_admit, ring_score), None)
-
-
-def stored_entries(cache: DualCache, seen_b) -> jax.Array:
-    """KV entries actually held per [L, B, K]: the occupied ring slots plus the used global slots."""
-    return jnp.minimum(jnp.asarray(seen_b), cache.window)[None, :, None] + cache.length
