@@ -63,6 +63,18 @@ class GenerateArgs:
     """Gate the local ring once every W decode steps instead of every token."""
 
 
+def _cache_config(wgkv_jax, args: GenerateArgs, *, window: int):
+    return wgkv_jax.CacheConfig(
+        window=window,
+        capacity=args.capacity,
+        capacity_fraction=args.capacity_fraction,
+        chunk=args.chunk,
+        tau=args.tau,
+        overflow=args.overflow,
+        defer_gating=args.defer_gating,
+    )
+
+
 def main(args: GenerateArgs) -> int:
     import wgkv_jax
 
@@ -73,6 +85,12 @@ def main(args: GenerateArgs) -> int:
         print(f"error: --prompt-file {args.prompt_file} does not exist", file=sys.stderr)
         return 2
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    if not args.full_cache:  # settings errors before the (slow) model load
+        try:
+            _cache_config(wgkv_jax, args, window=args.window or 256)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     mesh = wgkv_jax.make_mesh(model=args.model_parallel) if args.model_parallel > 1 else None
     try:
         model = wgkv_jax.load_model(args.model, dtype=None if args.dtype == "auto" else args.dtype, mesh=mesh)
@@ -84,15 +102,7 @@ def main(args: GenerateArgs) -> int:
     if not args.full_cache:
         try:
             gate = wgkv_jax.load_gate(model, args.ckpt, tau=args.tau)
-            cache = wgkv_jax.CacheConfig(
-                window=args.window or gate.window or 256,
-                capacity=args.capacity,
-                capacity_fraction=args.capacity_fraction,
-                chunk=args.chunk,
-                tau=args.tau,
-                overflow=args.overflow,
-                defer_gating=args.defer_gating,
-            )
+            cache = _cache_config(wgkv_jax, args, window=args.window or gate.window or 256)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
