@@ -259,11 +259,12 @@ def _slot_dest(length_bk, g_score_bkc, ok_bkn, c_score_bkn):
 class DualAttend:
     """`Attend` hook running a chunk (T >= 1 tokens of contiguous positions per row) on a DualCache.
 
-    `defer_gating` (decode only, T == 1): the new token's gate is not computed; the whole ring is
-    gated once its slot W - 1 is written, before any of those tokens can leave the window.
+    `defer_gating` (decode only, T == 1): the new token's gate is not computed; the last W tokens
+    are gated together once a row's newest position is W - 1 (mod W), before any of them can
+    leave the window.
 
-    All writes are scatters into the stacked [L, ...] buffers (in place under donation); reads
-    of the layer's ring and store feed the attention.
+    All writes are scatters into the stacked [L, ...] buffers and come before every read of
+    them, so XLA updates them in place under donation.
     """
 
     admission: Admission
