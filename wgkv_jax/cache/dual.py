@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from wgkv_jax.attention.reference import NEG_INF
 from wgkv_jax.cache.admission import Admission
+from wgkv_jax.kernels import dispatch, ragged
 from wgkv_jax.model.config import ModelConfig
 
 
@@ -269,6 +270,7 @@ class DualAttend:
 
     admission: Admission
     defer_gating: bool = False
+    impl: str = "reference"  # resolved by kernels.dispatch.ragged_impl: reference | pallas | interpret
 
     def __call__(self, cache: DualCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
         b, t, k = q_btkgd.shape[:3]
@@ -318,22 +320,6 @@ class DualAttend:
         glob_pos = cache.glob_pos.at[g_at].set(pos_bkn, mode="drop")
         glob_score = cache.glob_score.at[g_at].set(cand_score, mode="drop")
 
-        # 3. attention: in-window keys (i - j < W) from the ring, older ones from the global
-        #    store, which now holds every admitted token that left the window
-        end_b = c0_b + t  # ring slot s holds position end - R + ((s - end) mod R)
-        ring_pos_br = end_b[:, None] - r + jnp.mod(jnp.arange(r)[None, :] - end_b[:, None], r)
-        dist_btr = pos_bt[:, :, None] - ring_pos_br[:, None, :]
-        ring_mask = ((dist_btr >= 0) & (dist_btr < w) & (ring_pos_br >= 0)[:, None, :])[:, None]
-        glob_mask = (jnp.arange(cap)[None, None, None, :] < new_len[..., None, None]) & (
-            pos_bt[:, None, :, None] - glob_pos[layer][:, :, None, :] >= w
-        )
-        out = parts_attention(
-            q_btkgd,
-            [
-                (ring_k[layer], ring_v[layer], jnp.broadcast_to(ring_mask, (b, k, t, r))),
-                (glob_k[layer], glob_v[layer], glob_mask),
-            ],
-        )
         new = DualCache(
             ring_k=ring_k,
             ring_v=ring_v,
@@ -347,6 +333,34 @@ class DualAttend:
             length=cache.length.at[layer].set(new_len),
             evicted=cache.evicted.at[layer].add(over),
             window=w,
+        )
+
+        # 3. attention: in-window keys (i - j < W) from the ring, older ones from the global
+        #    store, which now holds every admitted token that left the window
+        impl = self.impl
+        if impl != "reference":
+            q_bkme = jnp.swapaxes(q_btkgd, 1, 2).reshape(b, k, -1, q_btkgd.shape[-1])
+            problem = ragged.unsupported(q_bkme, ring_k, glob_k, ragged.Tiling())
+            impl = dispatch.fallback(f"dual-cache Pallas attention: {problem}") if problem else impl
+        if impl != "reference":
+            out = ragged.attend_grouped(
+                q_btkgd, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, new_len, layer,
+                window=w, glob_lo=w, impl=impl,
+            )  # fmt: skip
+            return out.astype(v_btke.dtype), new
+        end_b = c0_b + t  # ring slot s holds position end - R + ((s - end) mod R)
+        ring_pos_br = end_b[:, None] - r + jnp.mod(jnp.arange(r)[None, :] - end_b[:, None], r)
+        dist_btr = pos_bt[:, :, None] - ring_pos_br[:, None, :]
+        ring_mask = ((dist_btr >= 0) & (dist_btr < w) & (ring_pos_br >= 0)[:, None, :])[:, None]
+        glob_mask = (jnp.arange(cap)[None, None, None, :] < new_len[..., None, None]) & (
+            pos_bt[:, None, :, None] - glob_pos[layer][:, :, None, :] >= w
+        )
+        out = parts_attention(
+            q_btkgd,
+            [
+                (ring_k[layer], ring_v[layer], jnp.broadcast_to(ring_mask, (b, k, t, r))),
+                (glob_k[layer], glob_v[layer], glob_mask),
+            ],
         )
         return out.astype(v_btke.dtype), new
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from wgkv_jax.attention.blocked import blocked_causal_attention, grouped_attention
+from wgkv_jax.kernels import ragged
 from wgkv_jax.model.config import ModelConfig
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
@@ -49,26 +50,57 @@ class KVCache:
         return KVCache(CACHE_AXES, CACHE_AXES)
 
 
-def prefill_attend(cache: KVCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
-    """Fresh prefill (positions start at 0): causal self-attention, then K/V -> slots [0, T)."""
-    del p, k_pre_btke
-    out = blocked_causal_attention(q_btkgd, k_btke, v_btke, pos_bt)
-    k_bkte = jnp.swapaxes(k_btke, 1, 2).astype(cache.k.dtype)[None]
-    v_bkte = jnp.swapaxes(v_btke, 1, 2).astype(cache.v.dtype)[None]
-    zero = jnp.zeros((), jnp.int32)
-    start = (layer, zero, zero, zero, zero)
-    return out, KVCache(
-        jax.lax.dynamic_update_slice(cache.k, k_bkte, start), jax.lax.dynamic_update_slice(cache.v, v_bkte, start)
-    )
+@dataclasses.dataclass(frozen=True)
+class FullAttend:
+    """`Attend` hook of the full cache.
+
+    phase "prefill": a fresh prompt (positions from 0) attends causally to itself, then its K/V go
+    to slots [0, T). phase "decode": the new tokens are written at their positions (per row),
+    then attend over slots <= position. `impl` is resolved by `kernels.dispatch`: "reference"
+    (XLA), "pallas"/"interpret" (the ragged kernel), "cudnn" (prefill only).
+    """
+
+    phase: str = "decode"
+    impl: str = "reference"
+
+    def __call__(self, cache: KVCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
+        del p, k_pre_btke
+        if self.phase == "prefill":
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, zero, zero, zero)
+            new = KVCache(
+                jax.lax.dynamic_update_slice(cache.k, jnp.swapaxes(k_btke, 1, 2).astype(cache.k.dtype)[None], start),
+                jax.lax.dynamic_update_slice(cache.v, jnp.swapaxes(v_btke, 1, 2).astype(cache.v.dtype)[None], start),
+            )
+            if self.impl == "cudnn":
+                b, t, k, g, e = q_btkgd.shape
+                out = jax.nn.dot_product_attention(
+                    q_btkgd.reshape(b, t, k * g, e), k_btke, v_btke, is_causal=True, implementation="cudnn"
+                ).reshape(b, t, k, g, e)
+            elif self.impl == "reference":
+                out = blocked_causal_attention(q_btkgd, k_btke, v_btke, pos_bt)
+            else:
+                out = self._kernel(new, layer, q_btkgd, pos_bt)
+            return out.astype(v_btke.dtype), new
+        b = jnp.arange(q_btkgd.shape[0])[:, None]
+        new = KVCache(
+            cache.k.at[layer, b, :, pos_bt].set(k_btke.astype(cache.k.dtype), mode="drop"),
+            cache.v.at[layer, b, :, pos_bt].set(v_btke.astype(cache.v.dtype), mode="drop"),
+        )
+        if self.impl == "reference" or self.impl == "cudnn":
+            mask_bts = jnp.arange(cache.size)[None, None, :] <= pos_bt[:, :, None]
+            out = grouped_attention(q_btkgd, new.k[layer], new.v[layer], mask_bts)
+        else:
+            out = self._kernel(new, layer, q_btkgd, pos_bt)
+        return out.astype(v_btke.dtype), new
+
+    def _kernel(self, cache: KVCache, layer, q_btkgd, pos_bt):
+        b, _, k = q_btkgd.shape[:3]
+        length_bk = jnp.broadcast_to(jnp.max(pos_bt, axis=1)[:, None] + 1, (b, k))
+        return ragged.attend_grouped(
+            q_btkgd, pos_bt, None, None, cache.k, cache.v, None, length_bk, layer, window=0, glob_lo=0, impl=self.impl
+        )
 
 
-def decode_attend(cache: KVCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
-    """Write the new tokens at their positions (per row), then attend over slots <= position."""
-    del p, k_pre_btke
-    b = jnp.arange(q_btkgd.shape[0])[:, None]
-    k_all = cache.k.at[layer, b, :, pos_bt].set(k_btke.astype(cache.k.dtype), mode="drop")
-    v_all = cache.v.at[layer, b, :, pos_bt].set(v_btke.astype(cache.v.dtype), mode="drop")
-    slot_s = jnp.arange(cache.size)
-    mask_bts = slot_s[None, None, :] <= pos_bt[:, :, None]
-    out = grouped_attention(q_btkgd, k_all[layer], v_all[layer], mask_bts)
-    return out.astype(v_btke.dtype), KVCache(k_all, v_all)
+prefill_attend = FullAttend("prefill")
+decode_attend = FullAttend("decode")

@@ -28,8 +28,9 @@ import numpy as np
 from wgkv_jax import sharding
 from wgkv_jax.cache.admission import Admission
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
-from wgkv_jax.cache.full import KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
+from wgkv_jax.kernels import dispatch
 from wgkv_jax.model.config import ModelConfig
 from wgkv_jax.model.transformer import Params, hidden_states, lm_head
 
@@ -138,13 +139,16 @@ class GenerationResult:
 # ----------------------------------------------------------------------------- jitted pieces
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
-def prefill(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt, lengths_b, key, sampling: SamplingConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "attend"), donate_argnames=("cache",))
+def prefill(
+    params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt, lengths_b, key, sampling: SamplingConfig,
+    attend: FullAttend = prefill_attend,
+):  # fmt: skip
     """Run the (right-padded) prompts, fill the cache, sample each row's first new token."""
     b, t = tokens_bt.shape
     pos_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     with jax.named_scope("prefill"):
-        h_btd, cache = hidden_states(params, cfg, tokens_bt, pos_bt, attend=prefill_attend, state=cache)
+        h_btd, cache = hidden_states(params, cfg, tokens_bt, pos_bt, attend=attend, state=cache)
     h_last_b1d = h_btd[jnp.arange(b), lengths_b - 1][:, None]
     logits_bv = lm_head(params, cfg, h_last_b1d)[:, 0]
     return sample(logits_bv, key, sampling), cache
@@ -235,6 +239,7 @@ def generate_ids(
     cache: CacheConfig | None = None,
     admission: Admission | None = None,
     gate_params=None,
+    attention_impl: str = "auto",
 ) -> tuple[list[list[int]], list[bool], dict]:
     """Generate from token-id prompts. Returns (new ids per row incl. EOS, finished flags, stats).
 
@@ -242,9 +247,11 @@ def generate_ids(
     otherwise the whole decode runs in one on-device loop. With `cache` (a CacheConfig) the
     WG-KV dual cache is used, admission decided by `admission` (e.g. `GateAdmission`, whose
     stacked per-layer params `gate_params` are placed beside the layer params).
-    stats["cache"] is a `CacheStats`.
+    `attention_impl` ("auto", "reference", "pallas", "cudnn") picks the attention kernels
+    (`kernels.dispatch`). stats["cache"] is a `CacheStats`.
     """
     sampling = sampling or SamplingConfig()
+    dispatch.check_impl(attention_impl)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must contain at least one token")
     if max_new_tokens < 1:
@@ -281,10 +288,11 @@ def generate_ids(
         for i, p in enumerate(prompts):
             tokens_bt[i, : len(p)] = p
         state = put(lambda: KVCache.zeros(cfg, batch, size, dtype), KVCache.logical_axes())
-        attend, stop_on_evict = decode_attend, False
+        attend, stop_on_evict = FullAttend("decode", dispatch.ragged_impl(attention_impl)), False
+        prefill_impl = dispatch.causal_impl(attention_impl, dtype, cfg.head_dim)
         first_b, state = prefill(
             params, cfg, state, put(tokens_bt, ("batch", "seq")), put(lengths_b, ("batch",)),
-            jax.random.fold_in(key, 0), sampling,
+            jax.random.fold_in(key, 0), sampling, FullAttend("prefill", prefill_impl),
         )  # fmt: skip
         shape_info = {"prompt_bucket": t_bucket, "cache_size": size}
     else:
@@ -302,8 +310,9 @@ def generate_ids(
         for i, p in enumerate(prompts):
             tokens_bt[i, t_bucket - len(p) :] = p
         pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
-        attend = DualAttend(admission, defer_gating=cache.defer_gating)
-        prefill_attend_ = DualAttend(admission)
+        impl = dispatch.ragged_impl(attention_impl)
+        attend = DualAttend(admission, defer_gating=cache.defer_gating, impl=impl)
+        prefill_attend_ = DualAttend(admission, impl=impl)
         stop_on_evict = cache.overflow == "error"
         for c in range(0, t_bucket, chunk):
             first_b, state = prefill_chunk(

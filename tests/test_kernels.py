@@ -1,0 +1,183 @@
+"""The Pallas ragged-attention kernel (interpret mode on CPU) against its dense float32 reference,
+alone and inside the dual and full caches; and the attention_impl dispatch."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_LLAMA
+from test_dual_cache import _run, rand_tokens
+
+from wgkv_jax.cache import CacheConfig, DualAttend, DualCache, FixedAdmission, KVCache, reference_logits
+from wgkv_jax.cache.full import FullAttend
+from wgkv_jax.infer.generate import generate_ids
+from wgkv_jax.kernels import dispatch, ragged
+from wgkv_jax.model import init_params
+
+L, B, K = 2, 2, 2
+
+
+def _case(seed, g, e, dtype, t, *, ring, cap, window, lengths, sorted_pos=True):
+    """Random queries at the end of each row's sequence, a ring and a global store of `cap` slots."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    end_b = jnp.array([3 * cap + window + 5, t + 3], jnp.int32)  # row 1 is young: part of its ring is empty
+    pos_bt = end_b[:, None] - t + jnp.arange(t)[None, :]
+    q = jax.random.normal(ks[0], (B, K, t * g, e), jnp.float32).astype(dtype)
+    rk = jax.random.normal(ks[1], (L, B, K, ring, e), jnp.float32).astype(dtype) if ring else None
+    rv = jax.random.normal(ks[2], (L, B, K, ring, e), jnp.float32).astype(dtype) if ring else None
+    gk = jax.random.normal(ks[3], (L, B, K, cap, e), jnp.float32).astype(dtype)
+    gv = jax.random.normal(ks[4], (L, B, K, cap, e), jnp.float32).astype(dtype)
+    gpos = jax.random.randint(ks[5], (L, B, K, cap), 0, int(end_b[0]))
+    gpos = jnp.sort(gpos, axis=-1) if sorted_pos else gpos
+    glen = jnp.asarray(lengths, jnp.int32).reshape(B, K)
+    q_pos_bm = jnp.repeat(pos_bt, g, axis=1)
+    return (q, q_pos_bm, rk, rv, end_b, gk, gv, gpos if ring else None, glen, jnp.int32(1))
+
+
+@pytest.mark.parametrize(
+    "g, e, dtype, t, ring, tiling",
+    [
+        (1, 64, jnp.float32, 1, 48, ragged.Tiling(splits=4, block_k=16)),  # MHA decode, many splits
+        (3, 128, jnp.bfloat16, 8, 64, None),  # GQA 3, prefill chunk (24 rows)
+        (4, 64, jnp.bfloat16, 1, 32, None),  # GQA 4 decode
+        (8, 128, jnp.float32, 16, 64, ragged.Tiling(block_m=32, block_k=32, splits=2)),  # GQA 8 chunk, 2 splits
+        (4, 128, jnp.float32, 1, 0, None),  # full-cache decode (no ring, slot == position)
+        (3, 64, jnp.float32, 16, 0, ragged.Tiling(block_m=16, block_k=16)),  # full-cache prefill, causal skip
+    ],
+)
+def test_kernel_matches_reference(g, e, dtype, t, ring, tiling):
+    cap, window = 64, 32
+    # ragged: one head empty, one full, the others in between (not block multiples)
+    args = _case(g * e + t, g, e, dtype, t, ring=ring, cap=cap, window=window, lengths=[0, cap, 37, 5])
+    glob_lo = window if ring else 0
+    if not ring:  # full cache: every row's length covers its queries
+        args = (*args[:8], jnp.asarray([[cap, cap], [t + 3, t + 3]], jnp.int32), *args[9:])
+        args = (args[0], jnp.minimum(args[1], cap - 1), *args[2:])
+    ref = ragged.ragged_attention_reference(*args, window=window, glob_lo=glob_lo)
+    out = ragged.ragged_attention(*args, window=window, glob_lo=glob_lo, tiling=tiling, interpret=True)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
+    assert bool(jnp.any(ref != 0))
+
+
+def test_kernel_row_without_keys_is_zero_and_merge_is_exact():
+    """A query that sees nothing gives zeros (not NaN); splits merge to the one-split result."""
+    args = _case(3, 2, 64, jnp.float32, 1, ring=32, cap=64, window=16, lengths=[0, 0, 0, 0])
+    young = (args[0], jnp.full_like(args[1], -5), *args[2:])  # positions before any key
+    out = ragged.ragged_attention(*young, window=16, glob_lo=16, interpret=True)
+    assert not bool(jnp.any(jnp.isnan(out))) and float(jnp.max(jnp.abs(out))) == 0.0
+    args = _case(4, 2, 64, jnp.float32, 1, ring=32, cap=64, window=16, lengths=[64, 17, 40, 3])
+    one = ragged.ragged_attention(*args, window=16, glob_lo=16, tiling=ragged.Tiling(splits=1), interpret=True)
+    many = ragged.ragged_attention(*args, window=16, glob_lo=16, tiling=ragged.Tiling(splits=5), interpret=True)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(many), atol=2e-6)
+
+
+def test_kernel_rejects_unsupported_shapes():
+    args = _case(5, 2, 64, jnp.float32, 1, ring=32, cap=40, window=16, lengths=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match="capacity 40 is not a multiple of 16"):
+        ragged.ragged_attention(*args, window=16, glob_lo=16, interpret=True)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        ragged.Tiling(block_k=24)
+
+
+# ----------------------------------------------------------------------------- inside the caches
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(TINY_LLAMA, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("mode", ["random", "all"])
+def test_dual_cache_with_kernel_matches_dense_reference(params, mode):
+    """Chunked prefill + decode through the kernel == the dense A_i oracle (ring wrap included)."""
+    cfg, window, chunk, cap = TINY_LLAMA, 16, 16, 48  # room for every admitted token (no eviction)
+    adm = FixedAdmission(mode, rate=0.4, seed=1)
+    tokens = rand_tokens(60, seed=2)
+    cache = DualCache.zeros(cfg, 1, window, cap, chunk=chunk)
+    logits = []
+    for c in range(0, 48, chunk):
+        out, cache = _run(
+            params,
+            cfg,
+            cache,
+            tokens[None, c : c + chunk],
+            np.arange(c, c + chunk)[None],
+            DualAttend(adm, impl="interpret"),
+        )
+        logits.append(out[0])
+    for i in range(48, 60):
+        out, cache = _run(
+            params, cfg, cache, tokens[None, i : i + 1], np.array([[i]]), DualAttend(adm, impl="interpret")
+        )
+        logits.append(out[0])
+    ref, _ = reference_logits(params, cfg, tokens[None], adm, window)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(logits)), np.asarray(ref[0]), atol=2e-5, rtol=2e-5)
+
+
+def test_full_cache_with_kernel_matches_reference(params):
+    cfg = TINY_LLAMA
+    tokens = rand_tokens(40, seed=3)
+    logits = {}
+    for impl in ("reference", "interpret"):
+        cache = KVCache.zeros(cfg, 1, 64)
+        out, cache = _run(params, cfg, cache, tokens[None, :32], np.arange(32)[None], FullAttend("prefill", impl))
+        steps = [out[0]]
+        for i in range(32, 40):
+            out, cache = _run(params, cfg, cache, tokens[None, i : i + 1], np.array([[i]]), FullAttend("decode", impl))
+            steps.append(out[0])
+        logits[impl] = np.asarray(jnp.concatenate(steps))
+    np.testing.assert_allclose(logits["interpret"], logits["reference"], atol=2e-5, rtol=2e-5)
+
+
+def test_generate_with_pallas_equals_reference(params):
+    sharp = dict(params, lm_head=params["lm_head"] * 30)
+    prompts = [list(rand_tokens(37, seed=4)), list(rand_tokens(9, seed=5))]
+    adm = FixedAdmission("random", rate=0.5, seed=0)
+    cc = CacheConfig(window=16, chunk=16, capacity=32)
+    for cache, admission in ((None, None), (cc, adm)):
+        ids = {
+            impl: generate_ids(sharp, TINY_LLAMA, prompts, max_new_tokens=6, cache=cache, admission=admission,
+                               attention_impl=impl)[0]
+            for impl in ("reference", "pallas")
+        }  # fmt: skip
+        assert ids["pallas"] == ids["reference"]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_resolution_and_fallback_warning():
+    assert dispatch.ragged_impl("auto", "cpu") == "reference"
+    assert dispatch.ragged_impl("auto", "gpu") == "pallas"
+    assert dispatch.ragged_impl("pallas", "cpu") == "interpret"
+    assert dispatch.causal_impl("auto", jnp.bfloat16, 128, "gpu") == "cudnn"
+    assert dispatch.causal_impl("auto", jnp.float32, 128, "gpu") == "pallas"
+    assert dispatch.causal_impl("auto", jnp.bfloat16, 128, "cpu") == "reference"
+    dispatch._warned.clear()
+    with pytest.warns(UserWarning, match="Pallas kernels have no tpu version"):
+        assert dispatch.ragged_impl("pallas", "tpu") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason warns only once
+        assert dispatch.ragged_impl("pallas", "tpu") == "reference"
+    with pytest.warns(UserWarning, match="cuDNN attention needs a GPU"):
+        assert dispatch.causal_impl("cudnn", jnp.float32, 64, "cpu") == "reference"
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        dispatch.check_impl("flash")
+
+
+def test_dual_attend_falls_back_on_unsupported_capacity(params):
+    """A capacity that is no multiple of 16 runs the reference path, with one warning."""
+    cfg = TINY_LLAMA
+    adm = FixedAdmission("all")
+    tokens = rand_tokens(24, seed=6)
+    dispatch._warned.clear()
+    with pytest.warns(UserWarning, match="capacity 20 is not a multiple of 16"):
+        cache = DualCache.zeros(cfg, 1, 16, 20, chunk=16)
+        out, _ = _run(params, cfg, cache, tokens[None, :16], np.arange(16)[None], DualAttend(adm, impl="interpret"))
+    ref, _ = reference_logits(params, cfg, tokens[None, :16], adm, 16)
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), atol=2e-5)

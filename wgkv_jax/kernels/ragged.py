@@ -1,0 +1,336 @@
+"""Ragged attention over a dual cache (local ring + compacted global store), as a Pallas kernel.
+
+One kernel serves prefill chunks and decode steps. Per (row b, KV head h) the keys are
+
+  * the ring: slot s holds position end_b - R + ((s - end_b) mod R); query i sees it when
+    0 <= i - pos < W (and pos >= 0);
+  * the global store: slot c < length[b, h] holds position gpos[c]; query i sees it when
+    i - gpos >= glob_lo (W for the dual cache, 0 for a plain full cache whose slot == position).
+
+Work split (flash-decoding): the grid is (B*K, query blocks, S splits). Split j of a head takes
+the j-th share of that head's *own* global length, so the S programs of a head get equal work
+whatever the head's length, and blocks past the length are never read. Each program also takes
+the j-th share of the ring. Programs write unnormalised partials (acc, max, sum) that `merge`
+combines with log-sum-exp weights.
+
+The kernel reads the layer-stacked cache buffers in place ([L, B, K, S, E] plus a layer index),
+so no per-layer slice is copied before the call.
+
+Axis letters: l layer, b batch, k KV head, n = (b, k) folded, m query row (= (t, g) folded),
+r ring slot, c global slot, e head dim, j split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NEG = -1e30  # finite: a fully masked block leaves (max, sum) = (NEG, 0), never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Static tile sizes of the kernel (powers of two, >= 16 for the Triton dots)."""
+
+    block_m: int = 16
+    block_k: int = 64
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {v}")
+        if self.splits < 1:
+            raise ValueError(f"Tiling.splits must be >= 1, got {self.splits}")
+
+
+def decode_tiling(n_rows: int, n_heads: int, cap: int, block_k: int = 64) -> Tiling:
+    """Tiles for a decode step: few query rows, many splits so that B*K*S programs fill the GPU."""
+    block_m = max(16, 1 << (max(n_rows, 1) - 1).bit_length())
+    splits = max(1, min(32, 256 // max(n_heads, 1), cap // (4 * block_k) or 1))
+    return Tiling(block_m=block_m, block_k=block_k, splits=splits, num_warps=4, num_stages=3)
+
+
+def prefill_tiling(n_rows: int) -> Tiling:
+    """Tiles for a prefill chunk: 64-row query blocks (or fewer for short chunks), one split."""
+    block_m = min(64, max(16, 1 << (max(n_rows, 1) - 1).bit_length()))
+    return Tiling(block_m=block_m, block_k=64, splits=1, num_warps=4, num_stages=2)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _ring_positions(end_b, ring: int):
+    slot_r = jnp.arange(ring)
+    return end_b[:, None] - ring + jnp.mod(slot_r[None, :] - end_b[:, None], ring)
+
+
+def ragged_attention_reference(
+    q_bkme, q_pos_bm, ring_k, ring_v, ring_end_b, glob_k, glob_v, glob_pos, glob_len_bk, layer, *, window, glob_lo
+):
+    """Dense float32 oracle with the kernel's signature and semantics. Returns [B, K, M, E] float32.
+
+    ring_k/ring_v: [L, B, K, R, E] or None (no ring); glob_pos: [L, B, K, C] or None (slot ==
+    position). Rows whose query sees no key come out as zeros.
+    """
+    b, k, _, e = q_bkme.shape
+    q = q_bkme.astype(jnp.float32) * e**-0.5
+    scores, values = [], []
+    if ring_k is not None:
+        rk, rv = ring_k[layer].astype(jnp.float32), ring_v[layer].astype(jnp.float32)
+        rpos_br = _ring_positions(ring_end_b, rk.shape[2])
+        d_bmr = q_pos_bm[:, :, None] - rpos_br[:, None, :]
+        ok = (d_bmr >= 0) & (d_bmr < window) & (rpos_br >= 0)[:, None, :]
+        s = jnp.einsum("bkme,bkre->bkmr", q, rk, precision="highest")
+        scores.append(jnp.where(ok[:, None], s, -jnp.inf))
+        values.append(rv)
+    gk, gv = glob_k[layer].astype(jnp.float32), glob_v[layer].astype(jnp.float32)
+    cap = gk.shape[2]
+    gpos = jnp.broadcast_to(jnp.arange(cap), (b, k, cap)) if glob_pos is None else glob_pos[layer]
+    ok = (jnp.arange(cap)[None, None, None, :] < glob_len_bk[:, :, None, None]) & (
+        q_pos_bm[:, None, :, None] - gpos[:, :, None, :] >= glob_lo
+    )
+    s = jnp.einsum("bkme,bkce->bkmc", q, gk, precision="highest")
+    scores.append(jnp.where(ok, s, -jnp.inf))
+    values.append(gv)
+    s_all = jnp.concatenate(scores, axis=-1)
+    mx = jnp.max(s_all, axis=-1, keepdims=True)
+    p = jnp.exp(s_all - jnp.where(jnp.isfinite(mx), mx, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkms,bkse->bkme", p, jnp.concatenate(values, axis=2), precision="highest")
+    return jnp.where(denom > 0, o / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def _kernel(
+    layer_ref,
+    end_ref,
+    glen_ref,
+    q_ref,
+    qpos_ref,
+    rk_ref,
+    rv_ref,
+    gk_ref,
+    gv_ref,
+    gpos_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    *,
+    n_kv,
+    window,
+    glob_lo,
+    ring,
+    tiling,
+    scale,
+    precision,
+):
+    n, j = pl.program_id(0), pl.program_id(2)
+    b, h = n // n_kv, n % n_kv
+    splits = tiling.splits
+    layer = layer_ref[0]
+    q = q_ref[...]  # [bm, e]
+    qpos = qpos_ref[...]  # [bm]
+    bm, e = q.shape
+
+    def step(carry, k, v, ok):
+        acc, mx, sm = carry
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale
+        s = jnp.where(ok, s, NEG)
+        mx_new = jnp.maximum(mx, jnp.max(s, axis=1))
+        alpha = jnp.exp(mx - mx_new)
+        p = jnp.where(ok, jnp.exp(s - mx_new[:, None]), 0.0)
+        sm = alpha * sm + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, mx_new, sm
+
+    carry = (jnp.zeros((bm, e), jnp.float32), jnp.full((bm,), NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
+
+    if rk_ref is not None:
+        bk = _block(ring, tiling.block_k)
+        end = end_ref[b]
+        rspan = pl.cdiv(pl.cdiv(ring, splits), bk) * bk
+        r0 = j * rspan
+        shift = ring - jax.lax.rem(end, ring)
+
+        def ring_body(i, carry):
+            start = r0 + i * bk
+            pos = end - ring + jax.lax.rem(start + jnp.arange(bk) + shift, ring)
+            d = qpos[:, None] - pos[None, :]
+            ok = (d >= 0) & (d < window) & (pos >= 0)[None, :]
+            at = (layer, b, h, pl.ds(start, bk), slice(None))
+            return step(carry, rk_ref[at], rv_ref[at], ok)
+
+        n_ring = pl.cdiv(jnp.clip(ring - r0, 0, rspan), bk)
+        carry = jax.lax.fori_loop(0, n_ring, ring_body, carry)
+
+    bk = _block(gk_ref.shape[3], tiling.block_k)
+    glen = glen_ref[n]
+    if gpos_ref is None:  # slot == position: causal block skipping
+        glen = jnp.minimum(glen, jnp.max(qpos) + 1 - glob_lo)
+    gspan = pl.cdiv(pl.cdiv(glen, splits), bk) * bk
+    g0 = j * gspan
+
+    def glob_body(i, carry):
+        start = g0 + i * bk
+        slot = start + jnp.arange(bk)
+        live = slot < glen
+        at = (layer, b, h, pl.ds(start, bk))
+        pos = slot if gpos_ref is None else plgpu.load(gpos_ref.at[at], mask=live, other=0)
+        ok = (qpos[:, None] - pos[None, :] >= glob_lo) & live[None, :]
+        k = plgpu.load(gk_ref.at[(*at, slice(None))], mask=live[:, None], other=0.0)
+        v = plgpu.load(gv_ref.at[(*at, slice(None))], mask=live[:, None], other=0.0)
+        return step(carry, k, v, ok)
+
+    n_glob = pl.cdiv(jnp.clip(glen - g0, 0, gspan), bk)
+    acc, mx, sm = jax.lax.fori_loop(0, n_glob, glob_body, carry)
+    o_ref[...] = acc
+    m_ref[...] = mx
+    l_ref[...] = sm
+
+
+def _block(size: int, most: int) -> int:
+    """The largest power-of-two block <= most (and >= 16) that divides size."""
+    bk = most
+    while bk > 16 and size % bk:
+        bk //= 2
+    return bk
+
+
+def merge(acc_njme, mx_njm, sm_njm):
+    """Log-sum-exp merge of split partials -> normalised [N, M, E] float32 (zeros where no key)."""
+    top = jnp.max(mx_njm, axis=1, keepdims=True)
+    w = jnp.exp(mx_njm - top)
+    sm = jnp.sum(w * sm_njm, axis=1)
+    acc = jnp.sum(w[..., None] * acc_njme, axis=1)
+    return jnp.where(sm[..., None] > 0, acc / jnp.where(sm > 0, sm, 1.0)[..., None], 0.0)
+
+
+def ragged_attention(
+    q_bkme,
+    q_pos_bm,
+    ring_k,
+    ring_v,
+    ring_end_b,
+    glob_k,
+    glob_v,
+    glob_pos,
+    glob_len_bk,
+    layer,
+    *,
+    window: int,
+    glob_lo: int,
+    tiling: Tiling | None = None,
+    interpret: bool = False,
+):
+    """The Pallas kernel; same signature and result as `ragged_attention_reference`.
+
+    Needs the ring size and the capacity to be multiples of 16 (see `unsupported`).
+    """
+    b, k, m, e = q_bkme.shape
+    if tiling is None:
+        tiling = decode_tiling(m, k, glob_k.shape[3]) if m <= 64 else prefill_tiling(m)
+    problem = unsupported(q_bkme, ring_k, glob_k, tiling)
+    if problem:
+        raise ValueError(problem)
+    bm, s = tiling.block_m, tiling.splits
+    mp = pl.cdiv(m, bm) * bm
+    q = jnp.pad(q_bkme, ((0, 0), (0, 0), (0, mp - m), (0, 0))).reshape(b * k, mp, e).astype(glob_k.dtype)
+    qpos = jnp.pad(q_pos_bm.astype(jnp.int32), ((0, 0), (0, mp - m)), constant_values=-(2**30))
+    ring = 0 if ring_k is None else ring_k.shape[3]
+    precision = "highest" if glob_k.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel,
+        n_kv=k,
+        window=window,
+        glob_lo=glob_lo,
+        ring=ring,
+        tiling=tiling,
+        scale=e**-0.5,
+        precision=precision,
+    )
+    full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
+    grid = (b * k, mp // bm, s)
+    acc, mx, sm = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            full(jnp.zeros(1)),
+            full(ring_end_b),
+            full(glob_len_bk.reshape(-1)),
+            pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0)),
+            pl.BlockSpec((None, bm), lambda n, i, j: (n // k, i)),
+            full(ring_k),
+            full(ring_v),
+            full(glob_k),
+            full(glob_v),
+            full(glob_pos),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, bm, e), lambda n, i, j: (n, j, i, 0)),
+            pl.BlockSpec((None, None, bm), lambda n, i, j: (n, j, i)),
+            pl.BlockSpec((None, None, bm), lambda n, i, j: (n, j, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b * k, s, mp, e), jnp.float32),
+            jax.ShapeDtypeStruct((b * k, s, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b * k, s, mp), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=interpret,
+        name="wgkv_ragged_attention",
+    )(
+        jnp.reshape(layer, (1,)).astype(jnp.int32),
+        jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32),
+        glob_len_bk.reshape(-1).astype(jnp.int32),
+        q,
+        qpos,
+        ring_k,
+        ring_v,
+        glob_k,
+        glob_v,
+        glob_pos,
+    )
+    return merge(acc, mx, sm)[:, :m].reshape(b, k, m, e)
+
+
+def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
+    """Why the kernel cannot take these shapes (None if it can)."""
+    e = q_bkme.shape[-1]
+    if e < 16 or e & (e - 1):
+        return f"head_dim {e} is not a power of two >= 16"
+    if glob_k.shape[3] % 16:
+        return f"global capacity {glob_k.shape[3]} is not a multiple of 16"
+    if ring_k is not None and ring_k.shape[3] % 16:
+        return f"ring size {ring_k.shape[3]} is not a multiple of 16"
+    return None
+
+
+def attend_grouped(
+    q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer, *, window, glob_lo, impl
+):
+    """`ragged_attention` (impl "pallas" / "interpret") or its reference, on the model's layout.
+
+    q_btkge: [B, T, K, G, E] with positions pos_bt [B, T] (contiguous per row; the ring's newest
+    position is pos_bt[:, -1]). Returns [B, T, K, G, E] float32.
+    """
+    b, t, k, g, e = q_btkge.shape
+    q_bkme = jnp.swapaxes(q_btkge, 1, 2).reshape(b, k, t * g, e)
+    q_pos_bm = jnp.repeat(pos_bt, g, axis=1)
+    end_b = pos_bt[:, -1] + 1
+    args = (q_bkme, q_pos_bm, ring_k, ring_v, end_b, glob_k, glob_v, glob_pos, glob_len_bk, layer)
+    if impl == "reference":
+        o = ragged_attention_reference(*args, window=window, glob_lo=glob_lo)
+    else:
+        o = ragged_attention(*args, window=window, glob_lo=glob_lo, interpret=impl == "interpret")
+    return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2)
