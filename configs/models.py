@@ -78,3 +78,20 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-0.5b": QWEN25_05B,
     "qwen3-4b": QWEN3_4B,
 }
+# A two-layer stack with Llama-3.1-8B's attention layout scaled down (GQA 4, head_dim 64): CPU
+# smoke runs of the long-context benchmark.
+TINY_BENCH = ModelConfig(
+    arch="llama",
+    vocab_size=256,
+    d_model=128,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=64,
+    ffn_dim=256,
+    rope_theta=500000.0,
+    rms_eps=1e-5,
+    tie_embeddings=False,
+    max_seq_len=131072,
+    name="tiny-bench",
+)

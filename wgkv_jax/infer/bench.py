@@ -1,0 +1,438 @@
+"""Long-context speed and memory of the dual cache vs a full cache, on a Llama-3.1-8B-shaped stack.
+
+Random bf16 weights (no download), random admission at `rate` beyond the window (as the original
+profiling does). Everything that is compared runs side by side in one process:
+
+  attention-only, one layer
+    prefill  full: cuDNN causal flash attention over T tokens
+             dual: the ragged kernel over every prefill chunk (ring + the global store as it
+                   grows chunk by chunk), i.e. exactly the attention work of a chunked prefill
+    decode   full: XLA masked attention and the Pallas kernel over T cached tokens
+             dual: the Pallas kernel over the ring + ~rate * T global entries per head
+  end to end (32 layers, batch 1)
+    prefill  full: one call, cuDNN attention; dual: chunked prefill through `DualAttend`
+    decode   ms per token of the on-device decode loop, both caches
+  batch     the largest batch whose cache fits next to the weights, for each cache, and the decode
+            tokens/s at that batch (caches filled with random K/V of the right lengths)
+
+Bytes: decode GB/s counts the K/V bytes each step must read (full: all T tokens; dual: the
+window + the stored global entries); the floor is (weight bytes + those bytes) / HBM peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.models import LLAMA31_8B
+from wgkv_jax.attention.blocked import blocked_causal_attention, grouped_attention
+from wgkv_jax.cache.admission import FixedAdmission
+from wgkv_jax.cache.dual import CacheConfig, DualAttend, DualCache
+from wgkv_jax.cache.full import FullAttend, KVCache
+from wgkv_jax.infer import generate as gen
+from wgkv_jax.infer.sampling import SamplingConfig
+from wgkv_jax.kernels import dispatch, ragged
+from wgkv_jax.model.config import ModelConfig
+from wgkv_jax.model.transformer import param_shapes
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def _ragged() -> str:
+    return dispatch.ragged_impl("pallas")  # "interpret" on CPU (smoke runs)
+
+
+def _causal(cfg) -> str:
+    return dispatch.causal_impl("cudnn", jnp.bfloat16, cfg.head_dim)  # reference (warned) off GPU
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in ms of fn(*args) (results blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16):
+    """Random weights made on the device leaf by leaf (normal * 0.02, norms ~1)."""
+    flat, treedef = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    leaves = []
+    for i, (path, shape) in enumerate(flat):
+        key = jax.random.PRNGKey(seed * 1000 + i)
+        base, std = (1.0, 0.1) if path[-1].key.endswith("norm") else (0.0, 0.02)
+        make = jax.jit(lambda k, shape=shape, base=base, std=std: base + std * jax.random.normal(k, shape, dtype))
+        leaves.append(make(key))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- synthetic caches
+
+
+def _sorted_admitted(rng, n_tokens: int, rate: float, shape) -> list[np.ndarray]:
+    """Per head, the sorted positions a random admission at `rate` keeps among [0, n_tokens)."""
+    return [np.flatnonzero(rng.random(n_tokens) < rate) for _ in range(int(np.prod(shape)))]
+
+
+def synthetic_dual(cfg, batch, n_tokens, setting, rate, seed=0, dtype=jnp.bfloat16):
+    """A DualCache as a chunked prefill of n_tokens with random admission leaves it (random K/V)."""
+    w, chunk = setting.window, setting.chunk
+    cap = setting.resolve_capacity(n_tokens)
+    rng = np.random.default_rng(seed)
+    lbk = (cfg.n_layers, batch, cfg.n_kv_heads)
+    pos = np.full((*lbk, cap), -1, np.int32)
+    length = np.zeros(lbk, np.int32)
+    for i, p in enumerate(_sorted_admitted(rng, max(n_tokens - w, 0), rate, lbk)):
+        p = p[:cap]
+        pos.reshape(-1, cap)[i, : len(p)] = p
+        length.reshape(-1)[i] = len(p)
+    cache = DualCache.zeros(cfg, batch, w, cap, dtype, chunk=chunk)
+    key = jax.random.PRNGKey(seed)
+    fill = jax.jit(lambda k, x: jax.random.normal(k, x.shape, x.dtype), donate_argnums=1)
+    return dataclasses.replace(
+        cache,
+        ring_k=fill(jax.random.fold_in(key, 1), cache.ring_k),
+        ring_v=fill(jax.random.fold_in(key, 2), cache.ring_v),
+        glob_k=fill(jax.random.fold_in(key, 3), cache.glob_k),
+        glob_v=fill(jax.random.fold_in(key, 4), cache.glob_v),
+        glob_pos=jnp.asarray(pos),
+        length=jnp.asarray(length),
+        ring_admit=jnp.asarray(rng.random(cache.ring_admit.shape) < rate),
+    )
+
+
+def synthetic_full(cfg, batch, size, seed=0, dtype=jnp.bfloat16):
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
+    key = jax.random.PRNGKey(seed)
+    make = jax.jit(lambda k: jax.random.normal(k, shape, dtype))
+    return KVCache(make(jax.random.fold_in(key, 1)), make(jax.random.fold_in(key, 2)))
+
+
+# ----------------------------------------------------------------------------- attention only
+
+
+def attention_prefill(cfg, n_tokens, setting, rate, repeats) -> dict:
+    """One layer's prefill attention: cuDNN full causal vs the ragged kernel over all chunks."""
+    k_heads, g, e, w, chunk = cfg.n_kv_heads, cfg.group_size, cfg.head_dim, setting.window, setting.chunk
+    key = jax.random.PRNGKey(0)
+    q = jax.random.normal(key, (1, n_tokens, k_heads * g, e), jnp.bfloat16)
+    kv = jax.random.normal(jax.random.fold_in(key, 1), (2, 1, n_tokens, k_heads, e), jnp.bfloat16)
+    if _causal(cfg) == "cudnn":
+        causal = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
+    else:  # CPU smoke runs: the blocked XLA path
+        pos = jnp.arange(n_tokens)[None]
+        causal = lambda q, k, v: blocked_causal_attention(q.reshape(*q.shape[:2], k_heads, g, e), k, v, pos)  # noqa: E731
+    full_ms = timed(jax.jit(causal), q, kv[0], kv[1], repeats=repeats)
+
+    one = dataclasses.replace(cfg, n_layers=1)
+    cache = synthetic_dual(one, 1, n_tokens, setting, rate)
+    starts = np.arange(0, n_tokens, chunk)
+    gpos = np.asarray(cache.glob_pos[0, 0])  # [K, C], -1 past each head's length
+    lens = np.stack([[np.searchsorted(np.where(p < 0, 2**31 - 1, p), c0 - w + chunk) for p in gpos] for c0 in starts])
+    q_chunk = jax.random.normal(key, (1, k_heads, chunk * g, e), jnp.bfloat16)
+
+    @jax.jit
+    def dual(cache, q_chunk, lens, starts):
+        def body(acc, xs):
+            glen, c0 = xs
+            pos_m = jnp.repeat(c0 + jnp.arange(chunk), g)[None]
+            o = ragged.ragged_attention(
+                q_chunk, pos_m, cache.ring_k, cache.ring_v, (c0 + chunk)[None], cache.glob_k, cache.glob_v,
+                cache.glob_pos, glen[None], 0, window=w, glob_lo=w, interpret=_ragged() == "interpret",
+            )  # fmt: skip
+            return acc + o[0, 0, 0, 0], None
+
+        return jax.lax.scan(body, jnp.float32(0), (jnp.asarray(lens, jnp.int32), jnp.asarray(starts, jnp.int32)))[0]
+
+    dual_ms = timed(dual, cache, q_chunk, lens, starts, repeats=repeats)
+    full_flops = 4 * n_tokens * n_tokens / 2 * k_heads * g * e
+    return {
+        "full_cudnn_ms": full_ms,
+        "dual_kernel_ms": dual_ms,
+        "speedup": full_ms / dual_ms,
+        "full_tflops": full_flops / full_ms / 1e9,
+        "mean_global_len": float(lens[-1].mean()),
+    }
+
+
+def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
+    """One layer's decode attention (one new token per row) over each cache."""
+    k_heads, g, e, w = cfg.n_kv_heads, cfg.group_size, cfg.head_dim, setting.window
+    one = dataclasses.replace(cfg, n_layers=1)
+    q = jax.random.normal(jax.random.PRNGKey(3), (batch, 1, k_heads, g, e), jnp.bfloat16)
+    pos = jnp.full((batch, 1), n_tokens, jnp.int32)
+    full = synthetic_full(one, batch, gen.cache_bucket(n_tokens + 1))
+    length = jnp.full((batch, k_heads), n_tokens + 1, jnp.int32)
+
+    def full_xla(q, cache):
+        mask = jnp.arange(cache.size)[None, None, :] <= pos[:, :, None]
+        return grouped_attention(q, cache.k[0], cache.v[0], mask)
+
+    def full_pallas(q, cache):
+        args = (q, pos, None, None, cache.k, cache.v, None, length, 0)
+        return ragged.attend_grouped(*args, window=0, glob_lo=0, impl=_ragged())
+
+    dual = synthetic_dual(one, batch, n_tokens, setting, rate)
+
+    def dual_pallas(q, cache):
+        return ragged.attend_grouped(
+            q, pos, cache.ring_k, cache.ring_v, cache.glob_k, cache.glob_v, cache.glob_pos, cache.length[0], 0,
+            window=w, glob_lo=w, impl=_ragged(),
+        )  # fmt: skip
+
+    per_token = 2 * k_heads * e * 2  # K and V bytes of one token, one layer, bf16
+    full_bytes = batch * (n_tokens + 1) * per_token
+    dual_bytes = int(jnp.sum(dual.length)) * per_token + batch * w * per_token
+    out = {}
+    for name, fn, cache, nb in (
+        ("full_xla", full_xla, full, full_bytes),
+        ("full_pallas", full_pallas, full, full_bytes),
+        ("dual_pallas", dual_pallas, dual, dual_bytes),
+    ):
+        ms = timed(jax.jit(fn), q, cache, repeats=repeats * 4)
+        out[f"{name}_ms"] = ms
+        out[f"{name}_gbps"] = nb / ms / 1e6
+    best_full = min(out["full_xla_ms"], out["full_pallas_ms"])
+    out["speedup_vs_best_full"] = best_full / out["dual_pallas_ms"]
+    return out
+
+
+def check_kernel(cfg, n_tokens, setting, rate) -> dict:
+    """GPU kernel vs the float32 reference, bf16 inputs: relative error of a decode step and a chunk."""
+    one = dataclasses.replace(cfg, n_layers=1)
+    dual = synthetic_dual(one, 2, n_tokens, setting, rate, seed=7)
+    res = {}
+    for t in (1, setting.chunk):
+        q = jax.random.normal(jax.random.PRNGKey(t), (2, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim), jnp.bfloat16)
+        pos = jnp.broadcast_to(n_tokens - t + jnp.arange(t)[None], (2, t))
+        args = (q, pos, dual.ring_k, dual.ring_v, dual.glob_k, dual.glob_v, dual.glob_pos, dual.length[0], 0)
+        out = ragged.attend_grouped(*args, window=setting.window, glob_lo=setting.window, impl=_ragged())
+        ref = ragged.attend_grouped(*args, window=setting.window, glob_lo=setting.window, impl="reference")
+        res[f"rel_err_t{t}"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    return res
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _decode_ms(params, cfg, cache, n_tokens, attend, steps: int) -> tuple[float, object]:
+    b = cache.k.shape[1] if isinstance(cache, KVCache) else cache.glob_k.shape[1]
+    first = jnp.zeros((b,), jnp.int32)
+    lengths = jnp.full((b,), n_tokens, jnp.int32)
+    key = jax.random.PRNGKey(0)
+    # warm-up on a copy-free path: a 2-step loop compiles the same program (n_new is traced)
+    toks, cache = gen.decode_loop(params, cfg, cache, first, lengths, key, GREEDY, steps, (), jnp.int32(2), attend)
+    toks.block_until_ready()
+    t0 = time.perf_counter()
+    toks, cache = gen.decode_loop(params, cfg, cache, first, lengths, key, GREEDY, steps, (), jnp.int32(steps), attend)
+    toks.block_until_ready()
+    return (time.perf_counter() - t0) * 1e3 / (steps - 1), cache
+
+
+def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
+    """Batch-1 prefill of n_tokens then `steps` decode tokens, full cache vs dual cache."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (1, n_tokens)).astype(np.int32)
+    out = {}
+    # full cache: single-call prefill with cuDNN attention
+    size = gen.cache_bucket(n_tokens + steps)
+    state = KVCache.zeros(cfg, 1, size, jnp.bfloat16)
+    out["full_kv_bytes"] = state.nbytes
+    lengths = jnp.asarray([n_tokens], jnp.int32)
+    prefill = functools.partial(gen.prefill, attend=FullAttend("prefill", _causal(cfg)))
+    key = jax.random.PRNGKey(0)
+    first, state = prefill(params, cfg, state, tokens, lengths, key, GREEDY)  # compile + warm
+    first.block_until_ready()
+    t0 = time.perf_counter()
+    first, state = prefill(params, cfg, state, tokens, lengths, key, GREEDY)
+    first.block_until_ready()
+    out["full_prefill_s"] = time.perf_counter() - t0
+    out["full_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, FullAttend("decode", _ragged()), steps)
+    del state
+
+    # dual cache: chunked prefill, random admission
+    cap = setting.resolve_capacity(n_tokens + steps)
+    adm = FixedAdmission("random", rate=rate, seed=0)
+    attend = DualAttend(adm, impl=_ragged())
+    chunk = setting.chunk
+    make = lambda: DualCache.zeros(cfg, 1, setting.window, cap, jnp.bfloat16, chunk=chunk)  # noqa: E731
+    pos = np.arange(n_tokens, dtype=np.int32)[None]
+    for phase in ("warm", "timed"):
+        state = make()
+        if phase == "warm":  # compile with one chunk
+            first, state = gen.prefill_chunk(params, cfg, state, tokens[:, :chunk], pos[:, :chunk], key, GREEDY, attend)
+            first.block_until_ready()
+            continue
+        t0 = time.perf_counter()
+        for c in range(0, n_tokens, chunk):
+            first, state = gen.prefill_chunk(
+                params, cfg, state, tokens[:, c : c + chunk], pos[:, c : c + chunk], key, GREEDY, attend
+            )
+        first.block_until_ready()
+        out["dual_prefill_s"] = time.perf_counter() - t0
+    out["dual_kv_bytes"] = state.kv_nbytes
+    out["dual_cache_bytes"] = state.nbytes
+    out["dual_stored_fraction"] = float(jnp.mean(state.length)) / n_tokens
+    out["dual_evicted"] = int(jnp.sum(state.evicted))
+    out["dual_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, attend, steps)
+    del state
+    out["prefill_speedup"] = out["full_prefill_s"] / out["dual_prefill_s"]
+    out["decode_speedup"] = out["full_decode_ms"] / out["dual_decode_ms"]
+    out["kv_memory_reduction"] = 1 - out["dual_kv_bytes"] / out["full_kv_bytes"]
+    return out
+
+
+def batch_decode(params, cfg, n_tokens, setting, rate, steps, hbm_free: int) -> dict:
+    """Largest batch per cache that fits in `hbm_free` bytes, and decode tokens/s at it."""
+    per_row_full = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # bf16 K + V of one token
+    size = gen.cache_bucket(n_tokens + steps)
+    full_row = per_row_full * size
+    cap = setting.resolve_capacity(n_tokens + steps)
+    dual_row = per_row_full * (setting.window + setting.chunk + cap) * 1.02  # + positions, scores, bits
+    out = {"full_row_bytes": full_row, "dual_row_bytes": int(dual_row)}
+    for name, row in (("full", full_row), ("dual", dual_row)):
+        b = int(hbm_free // row)
+        out[f"{name}_max_batch"] = b
+        if b < 1:
+            continue
+        if name == "full":
+            cache, attend = synthetic_full(cfg, b, size), FullAttend("decode", _ragged())
+        else:
+            cache = synthetic_dual(cfg, b, n_tokens, setting, rate)
+            attend = DualAttend(FixedAdmission("random", rate=rate, seed=0), impl=_ragged())
+        ms, cache = _decode_ms(params, cfg, cache, n_tokens, attend, steps)
+        del cache
+        out[f"{name}_step_ms"] = ms
+        out[f"{name}_tokens_per_s"] = b * 1e3 / ms
+    if out.get("full_max_batch"):
+        out["batch_ratio"] = out["dual_max_batch"] / out["full_max_batch"]
+        out["throughput_ratio"] = out["dual_tokens_per_s"] / out["full_tokens_per_s"]
+    return out
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    return {
+        "device": dev.device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "hbm_bytes": stats.get("bytes_limit"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run(
+    contexts, parts, *, rate=0.2, window=256, chunk=2048, capacity_fraction=0.22, steps=32, repeats=5,
+    hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None,
+) -> dict:  # fmt: skip
+    """Run the requested parts ("check", "attention", "e2e", "batch") for each context length."""
+    setting = CacheConfig(window=window, chunk=chunk, capacity_fraction=capacity_fraction)
+    result = {
+        "machine": machine(),
+        "model": dataclasses.asdict(cfg) | {"rope_scaling": None},
+        "settings": {"rate": rate, "window": window, "chunk": chunk, "capacity_fraction": capacity_fraction,
+                     "decode_steps": steps, "hbm_peak_gbps": hbm_peak_gbps},
+        "contexts": {},
+    }  # fmt: skip
+    params = None
+    for n in contexts:
+        row = result["contexts"].setdefault(str(n), {})
+        if "check" in parts:
+            log(f"{n}: kernel vs reference")
+            row["check"] = check_kernel(cfg, min(n, 16384), setting, rate)
+        if "attention" in parts:
+            log(f"{n}: attention-only prefill")
+            row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats)
+            log(f"{n}: attention-only decode")
+            row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats)
+        if ("e2e" in parts and (e2e_contexts is None or n in e2e_contexts)) or "batch" in parts:
+            params = params if params is not None else random_params(cfg)
+            weight_bytes = nbytes(params)
+            result["weight_bytes"] = weight_bytes
+        if "e2e" in parts and (e2e_contexts is None or n in e2e_contexts):
+            log(f"{n}: end to end")
+            e2e = end_to_end(params, cfg, n, setting, rate, steps)
+            for name in ("full", "dual"):
+                kv = e2e["full_kv_bytes"] * (n + 1) / gen.cache_bucket(n + steps) if name == "full" else None
+                if name == "dual":
+                    kv = e2e["dual_stored_fraction"] * e2e["full_kv_bytes"] * n / gen.cache_bucket(n + steps)
+                    kv += e2e["full_kv_bytes"] * window / gen.cache_bucket(n + steps)
+                floor_ms = (weight_bytes + kv) / hbm_peak_gbps / 1e6
+                e2e[f"{name}_decode_floor_ms"] = floor_ms
+                e2e[f"{name}_decode_of_floor"] = floor_ms / e2e[f"{name}_decode_ms"]
+            row["end_to_end"] = e2e
+        if "batch" in parts:
+            log(f"{n}: largest batches")
+            stats = jax.devices()[0].memory_stats() or {}
+            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+            row["batch"] = batch_decode(params, cfg, n, setting, rate, steps, batch_memory or int(free * 0.85))
+        log(json.dumps(row))
+    return result
+
+
+def plot(result: dict, path) -> None:
+    """A PNG of the measured ratios: attention-only and end-to-end, full vs dual, per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = sorted(result["contexts"], key=int)
+    x = [int(c) // 1024 for c in ctx]
+    panels = [
+        ("attention_prefill", "full_cudnn_ms", "dual_kernel_ms", "prefill attention, 1 layer (ms)"),
+        ("attention_decode", "full_pallas_ms", "dual_pallas_ms", "decode attention, 1 layer (ms)"),
+        ("end_to_end", "full_prefill_s", "dual_prefill_s", "prefill, 32 layers (s)"),
+        ("end_to_end", "full_decode_ms", "dual_decode_ms", "decode, 32 layers (ms / token)"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (part, full_key, dual_key, title) in zip(axes, panels, strict=True):
+        pts = [(xi, result["contexts"][c][part]) for xi, c in zip(x, ctx, strict=True) if part in result["contexts"][c]]
+        if not pts:
+            ax.set_visible(False)
+            continue
+        xs = [p[0] for p in pts]
+        ax.plot(xs, [p[1][full_key] for p in pts], "o-", label="full cache")
+        ax.plot(xs, [p[1][dual_key] for p in pts], "s-", label="WG-KV dual cache")
+        for xi, p in pts:
+            ax.annotate(f"{p[full_key] / p[dual_key]:.1f}x", (xi, p[dual_key]), textcoords="offset points",
+                        xytext=(0, -12), ha="center", fontsize=8)  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("context (K tokens)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(v) for v in xs])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    m, st = result["machine"], result["settings"]
+    fig.suptitle(
+        f"Llama-3.1-8B shape, bf16, batch 1, {st['rate']:.0%} random admission, W={st['window']}: "
+        f"{m['device']}, JAX {m['jax']}, {m['date'][:10]}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
