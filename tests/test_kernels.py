@@ -92,8 +92,8 @@ def params():
     return init_params(TINY_LLAMA, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("mode", ["random", "all"])
-def test_dual_cache_with_kernel_matches_dense_reference(params, mode):
+@pytest.mark.parametrize("mode, impl", [("random", "interpret"), ("all", "interpret-xla")])
+def test_dual_cache_with_kernel_matches_dense_reference(params, mode, impl):
     """Chunked prefill + decode through the kernel == the dense A_i oracle (ring wrap included)."""
     cfg, window, chunk, cap = TINY_LLAMA, 16, 16, 48  # room for every admitted token (no eviction)
     adm = FixedAdmission(mode, rate=0.4, seed=1)
@@ -153,7 +153,8 @@ def test_generate_with_pallas_equals_reference(params):
 
 def test_dispatch_resolution_and_fallback_warning():
     assert dispatch.ragged_impl("auto", "cpu") == "reference"
-    assert dispatch.ragged_impl("auto", "gpu") == "pallas"
+    assert dispatch.ragged_impl("auto", "gpu") == "cudnn"
+    assert dispatch.ragged_impl("pallas", "gpu") == "pallas"
     assert dispatch.ragged_impl("pallas", "cpu") == "interpret"
     assert dispatch.causal_impl("auto", jnp.bfloat16, 128, "gpu") == "cudnn"
     assert dispatch.causal_impl("auto", jnp.float32, 128, "gpu") == "pallas"
@@ -164,6 +165,8 @@ def test_dispatch_resolution_and_fallback_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason warns only once
         assert dispatch.ragged_impl("pallas", "tpu") == "reference"
+    with pytest.warns(UserWarning, match="attention_impl='cudnn' needs a GPU"):
+        assert dispatch.ragged_impl("cudnn", "cpu") == "reference"
     with pytest.warns(UserWarning, match="cuDNN attention needs a GPU"):
         assert dispatch.causal_impl("cudnn", jnp.float32, 64, "cpu") == "reference"
     with pytest.raises(ValueError, match="attention_impl='flash'"):

@@ -343,9 +343,13 @@ class DualAttend:
             problem = ragged.unsupported(q_bkme, ring_k, glob_k, ragged.Tiling())
             impl = dispatch.fallback(f"dual-cache Pallas attention: {problem}") if problem else impl
         if impl != "reference":
+            # the entries stored before this chunk are older than every query's window: no position
+            # check for them, unless this chunk's overflow put new entries into their slots
+            n_ok = jnp.sum(ok_bkn, axis=-1, dtype=jnp.int32)
+            open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
             out = ragged.attend_grouped(
                 q_btkgd, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, new_len, layer,
-                window=w, glob_lo=w, impl=impl,
+                window=w, glob_lo=w, impl=impl, open_len_bk=open_len,
             )  # fmt: skip
             return out.astype(v_btke.dtype), new
         end_b = c0_b + t  # ring slot s holds position end - R + ((s - end) mod R)

@@ -79,26 +79,30 @@ class FullAttend:
                 ).reshape(b, t, k, g, e)
             elif self.impl == "reference":
                 out = blocked_causal_attention(q_btkgd, k_btke, v_btke, pos_bt)
+            elif self.impl == "interpret-xla":
+                out = self._kernel(new, layer, q_btkgd, pos_bt, "interpret")
             else:
-                out = self._kernel(new, layer, q_btkgd, pos_bt)
+                out = self._kernel(new, layer, q_btkgd, pos_bt, self.impl)
             return out.astype(v_btke.dtype), new
         b = jnp.arange(q_btkgd.shape[0])[:, None]
         new = KVCache(
             cache.k.at[layer, b, :, pos_bt].set(k_btke.astype(cache.k.dtype), mode="drop"),
             cache.v.at[layer, b, :, pos_bt].set(v_btke.astype(cache.v.dtype), mode="drop"),
         )
-        if self.impl == "reference" or self.impl == "cudnn":
+        if self.impl == "reference":
             mask_bts = jnp.arange(cache.size)[None, None, :] <= pos_bt[:, :, None]
             out = grouped_attention(q_btkgd, new.k[layer], new.v[layer], mask_bts)
-        else:
-            out = self._kernel(new, layer, q_btkgd, pos_bt)
+        else:  # the kernel; a one-token step has nothing for cuDNN
+            impl = {"cudnn": "pallas", "interpret-xla": "interpret"}.get(self.impl, self.impl)
+            out = self._kernel(new, layer, q_btkgd, pos_bt, impl)
         return out.astype(v_btke.dtype), new
 
-    def _kernel(self, cache: KVCache, layer, q_btkgd, pos_bt):
+    @staticmethod
+    def _kernel(cache: KVCache, layer, q_btkgd, pos_bt, impl):
         b, _, k = q_btkgd.shape[:3]
         length_bk = jnp.broadcast_to(jnp.max(pos_bt, axis=1)[:, None] + 1, (b, k))
         return ragged.attend_grouped(
-            q_btkgd, pos_bt, None, None, cache.k, cache.v, None, length_bk, layer, window=0, glob_lo=0, impl=self.impl
+            q_btkgd, pos_bt, None, None, cache.k, cache.v, None, length_bk, layer, window=0, glob_lo=0, impl=impl
         )
 
 

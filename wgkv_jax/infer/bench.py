@@ -48,6 +48,14 @@ from wgkv_jax.model.transformer import param_shapes
 GREEDY = SamplingConfig(temperature=0.0)
 
 
+TILINGS = (  # prefill tile candidates measured at the first context (pure Pallas path)
+    ragged.Tiling(block_m=64, block_k=64, num_warps=4, num_stages=2),
+    ragged.Tiling(block_m=128, block_k=64, num_warps=8, num_stages=3),
+    ragged.Tiling(block_m=128, block_k=32, num_warps=4, num_stages=3),
+    ragged.Tiling(block_m=64, block_k=64, num_warps=4, num_stages=3),
+)
+
+
 def _ragged() -> str:
     return dispatch.ragged_impl("pallas")  # "interpret" on CPU (smoke runs)
 
@@ -133,7 +141,7 @@ def synthetic_full(cfg, batch, size, seed=0, dtype=jnp.bfloat16):
 # ----------------------------------------------------------------------------- attention only
 
 
-def attention_prefill(cfg, n_tokens, setting, rate, repeats) -> dict:
+def attention_prefill(cfg, n_tokens, setting, rate, repeats, tilings=()) -> dict:
     """One layer's prefill attention: cuDNN full causal vs the ragged kernel over all chunks."""
     k_heads, g, e, w, chunk = cfg.n_kv_heads, cfg.group_size, cfg.head_dim, setting.window, setting.chunk
     key = jax.random.PRNGKey(0)
@@ -150,31 +158,47 @@ def attention_prefill(cfg, n_tokens, setting, rate, repeats) -> dict:
     cache = synthetic_dual(one, 1, n_tokens, setting, rate)
     starts = np.arange(0, n_tokens, chunk)
     gpos = np.asarray(cache.glob_pos[0, 0])  # [K, C], -1 past each head's length
-    lens = np.stack([[np.searchsorted(np.where(p < 0, 2**31 - 1, p), c0 - w + chunk) for p in gpos] for c0 in starts])
-    q_chunk = jax.random.normal(key, (1, k_heads, chunk * g, e), jnp.bfloat16)
+    gpos = np.where(gpos < 0, 2**31 - 1, gpos)
+    lens = np.stack([[np.searchsorted(p, c0 - w + chunk) for p in gpos] for c0 in starts])  # after promotion
+    opens = np.stack([[np.searchsorted(p, c0 - w) for p in gpos] for c0 in starts])  # stored before the chunk
+    q_chunk = jax.random.normal(key, (1, chunk, k_heads, g, e), jnp.bfloat16)
 
-    @jax.jit
-    def dual(cache, q_chunk, lens, starts):
-        def body(acc, xs):
-            glen, c0 = xs
-            pos_m = jnp.repeat(c0 + jnp.arange(chunk), g)[None]
-            o = ragged.ragged_attention(
-                q_chunk, pos_m, cache.ring_k, cache.ring_v, (c0 + chunk)[None], cache.glob_k, cache.glob_v,
-                cache.glob_pos, glen[None], 0, window=w, glob_lo=w, interpret=_ragged() == "interpret",
-            )  # fmt: skip
-            return acc + o[0, 0, 0, 0], None
+    def dual(impl, tiling=None):
+        @jax.jit
+        def run(cache, q_chunk, lens, opens, starts):
+            def body(acc, xs):
+                glen, n_open, c0 = xs
+                pos = (c0 + jnp.arange(chunk))[None]
+                if tiling is None:
+                    o = ragged.attend_grouped(
+                        q_chunk, pos, cache.ring_k, cache.ring_v, cache.glob_k, cache.glob_v, cache.glob_pos,
+                        glen[None], 0, window=w, glob_lo=w, impl=impl, open_len_bk=n_open[None],
+                    )  # fmt: skip
+                else:
+                    o = ragged.ragged_attention(
+                        jnp.swapaxes(q_chunk, 1, 2).reshape(1, k_heads, chunk * g, e), jnp.repeat(pos, g, axis=1),
+                        cache.ring_k, cache.ring_v, pos[:, -1] + 1, cache.glob_k, cache.glob_v, cache.glob_pos,
+                        glen[None], 0, window=w, glob_lo=w, tiling=tiling, open_len_bk=n_open[None],
+                    )  # fmt: skip
+                return acc + o.reshape(-1)[0], None
 
-        return jax.lax.scan(body, jnp.float32(0), (jnp.asarray(lens, jnp.int32), jnp.asarray(starts, jnp.int32)))[0]
+            xs = (jnp.asarray(lens, jnp.int32), jnp.asarray(opens, jnp.int32), jnp.asarray(starts, jnp.int32))
+            return jax.lax.scan(body, jnp.float32(0), xs)[0]
 
-    dual_ms = timed(dual, cache, q_chunk, lens, starts, repeats=repeats)
-    full_flops = 4 * n_tokens * n_tokens / 2 * k_heads * g * e
-    return {
-        "full_cudnn_ms": full_ms,
-        "dual_kernel_ms": dual_ms,
-        "speedup": full_ms / dual_ms,
-        "full_tflops": full_flops / full_ms / 1e9,
-        "mean_global_len": float(lens[-1].mean()),
-    }
+        return timed(run, cache, q_chunk, lens, opens, starts, repeats=repeats)
+
+    out = {"full_cudnn_ms": full_ms, "full_tflops": 4 * n_tokens * n_tokens / 2 * k_heads * g * e / full_ms / 1e9}
+    out["dual_pallas_ms"] = dual(_ragged())
+    if _ragged() == "pallas":
+        out["dual_cudnn_split_ms"] = dual("cudnn")
+    out["dual_kernel_ms"] = min(out["dual_pallas_ms"], out.get("dual_cudnn_split_ms", np.inf))
+    out["speedup"] = full_ms / out["dual_kernel_ms"]
+    out["mean_global_len"] = float(lens[-1].mean())
+    if tilings:
+        out["pallas_tilings"] = {
+            f"m{t.block_m}_k{t.block_k}_w{t.num_warps}_s{t.num_stages}": dual(None, t) for t in tilings
+        }
+    return out
 
 
 def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
@@ -204,7 +228,7 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
 
     per_token = 2 * k_heads * e * 2  # K and V bytes of one token, one layer, bf16
     full_bytes = batch * (n_tokens + 1) * per_token
-    dual_bytes = int(jnp.sum(dual.length)) * per_token + batch * w * per_token
+    dual_bytes = (int(jnp.sum(dual.length)) + batch * k_heads * w) * per_token // k_heads  # lengths are per head
     out = {}
     for name, fn, cache, nb in (
         ("full_xla", full_xla, full, full_bytes),
@@ -251,6 +275,14 @@ def _decode_ms(params, cfg, cache, n_tokens, attend, steps: int) -> tuple[float,
     return (time.perf_counter() - t0) * 1e3 / (steps - 1), cache
 
 
+@dataclasses.dataclass(frozen=True)
+class NoAttention:
+    """An `Attend` that skips attention and leaves the cache alone: the decode step's other work."""
+
+    def __call__(self, cache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
+        return jnp.zeros_like(q_btkgd), cache
+
+
 def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
     """Batch-1 prefill of n_tokens then `steps` decode tokens, full cache vs dual cache."""
     rng = np.random.default_rng(0)
@@ -270,12 +302,13 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
     first.block_until_ready()
     out["full_prefill_s"] = time.perf_counter() - t0
     out["full_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, FullAttend("decode", _ragged()), steps)
+    out["no_attention_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, NoAttention(), steps)
     del state
 
     # dual cache: chunked prefill, random admission
     cap = setting.resolve_capacity(n_tokens + steps)
     adm = FixedAdmission("random", rate=rate, seed=0)
-    attend = DualAttend(adm, impl=_ragged())
+    attend = DualAttend(adm, impl=dispatch.ragged_impl("auto") if _ragged() == "pallas" else _ragged())
     chunk = setting.chunk
     make = lambda: DualCache.zeros(cfg, 1, setting.window, cap, jnp.bfloat16, chunk=chunk)  # noqa: E731
     pos = np.arange(n_tokens, dtype=np.int32)[None]
@@ -366,7 +399,8 @@ def run(
             row["check"] = check_kernel(cfg, min(n, 16384), setting, rate)
         if "attention" in parts:
             log(f"{n}: attention-only prefill")
-            row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats)
+            tilings = TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
+            row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats, tilings)
             log(f"{n}: attention-only decode")
             row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats)
         if ("e2e" in parts and (e2e_contexts is None or n in e2e_contexts)) or "batch" in parts:

@@ -4,17 +4,19 @@ Two attention problems exist in the library:
 
   * ragged: queries over a cache with per-head lengths (dual-cache prefill chunks and decode,
     full-cache decode). "pallas" is `kernels.ragged` (Pallas-Triton on GPU, interpret mode on
-    CPU); "reference" is the dense jnp path.
+    CPU); "cudnn" (GPU) sends the bulk of a prefill chunk's global keys (those every query sees)
+    through cuDNN flash attention and the rest through the kernel; "reference" is dense jnp.
   * causal: a fresh prompt over itself (full-cache prefill). "cudnn" is
     `jax.nn.dot_product_attention(implementation="cudnn")`, "pallas" the ragged kernel with
     causal block skipping, "reference" the blocked XLA path.
 
-"auto" picks the fast path of the backend (GPU: pallas for ragged, cuDNN for causal when the
+"auto" picks the fast path of the backend (GPU: cudnn for ragged, cuDNN for causal when the
 dtype allows, else pallas) and the reference elsewhere. An explicit choice that cannot run is
 replaced by the reference with one warning naming the reason (TPU versions of the kernels are
 not built yet, so "pallas" on TPU falls back).
 
-Resolved names: "reference", "pallas" (compiled), "interpret" (Pallas on CPU), "cudnn".
+Resolved names: "reference", "pallas" (compiled), "interpret" (Pallas on CPU), "cudnn", and
+"interpret-xla" (tests only: the cudnn split on CPU with XLA in cuDNN's place).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def ragged_impl(impl: str, backend: str | None = None) -> str:
     if impl == "reference" or (impl == "auto" and backend != "gpu"):
         return "reference"
     if backend == "gpu":
-        return "pallas" if impl != "cudnn" else fallback("cuDNN has no ragged (per-head length) cache attention")
+        return "pallas" if impl == "pallas" else "cudnn"
+    if impl == "cudnn":
+        return fallback(f"attention_impl='cudnn' needs a GPU (backend: {backend})")
     if backend == "cpu":
         return "interpret"
     return fallback(f"attention_impl={impl!r}: the Pallas kernels have no {backend} version yet")

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 NEG = -1e30  # finite: a fully masked block leaves (max, sum) = (NEG, 0), never NaN
+LOG2E = 1.4426950408889634  # scores are kept in log2 units (exp2 is the native instruction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +54,20 @@ class Tiling:
 
 
 def decode_tiling(n_rows: int, n_heads: int, cap: int, block_k: int = 64) -> Tiling:
-    """Tiles for a decode step: few query rows, many splits so that B*K*S programs fill the GPU."""
+    """Tiles for a decode step: few query rows, and enough splits that the n_heads * S programs
+    (n_heads = B * K) keep every SM streaming (about 1024 programs), each at least 2 blocks."""
     block_m = max(16, 1 << (max(n_rows, 1) - 1).bit_length())
-    splits = max(1, min(32, 256 // max(n_heads, 1), cap // (4 * block_k) or 1))
+    splits = max(1, min(1024 // max(n_heads, 1), cap // (2 * block_k)))
     return Tiling(block_m=block_m, block_k=block_k, splits=splits, num_warps=4, num_stages=3)
 
 
+PREFILL_TILING = Tiling(block_m=128, block_k=64, splits=1, num_warps=8, num_stages=3)
+
+
 def prefill_tiling(n_rows: int) -> Tiling:
-    """Tiles for a prefill chunk: 64-row query blocks (or fewer for short chunks), one split."""
-    block_m = min(64, max(16, 1 << (max(n_rows, 1) - 1).bit_length()))
-    return Tiling(block_m=block_m, block_k=64, splits=1, num_warps=4, num_stages=2)
+    """Tiles for a prefill chunk: PREFILL_TILING's row blocks (fewer rows for short chunks)."""
+    block_m = min(PREFILL_TILING.block_m, max(16, 1 << (max(n_rows, 1) - 1).bit_length()))
+    return dataclasses.replace(PREFILL_TILING, block_m=block_m)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -116,6 +121,7 @@ def _kernel(
     layer_ref,
     end_ref,
     glen_ref,
+    open_ref,
     q_ref,
     qpos_ref,
     rk_ref,
@@ -134,6 +140,7 @@ def _kernel(
     tiling,
     scale,
     precision,
+    skip_open,
 ):
     n, j = pl.program_id(0), pl.program_id(2)
     b, h = n // n_kv, n % n_kv
@@ -142,47 +149,76 @@ def _kernel(
     q = q_ref[...]  # [bm, e]
     qpos = qpos_ref[...]  # [bm]
     bm, e = q.shape
+    qmax = jnp.max(qpos)
+    qmin = jnp.min(jnp.where(qpos >= 0, qpos, 2**30))  # padded / pad-token rows see nothing
 
     def step(carry, k, v, ok):
         acc, mx, sm = carry
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale
-        s = jnp.where(ok, s, NEG)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)  # log2 units
+        if ok is not None:
+            s = jnp.where(ok, s, NEG)
         mx_new = jnp.maximum(mx, jnp.max(s, axis=1))
-        alpha = jnp.exp(mx - mx_new)
-        p = jnp.where(ok, jnp.exp(s - mx_new[:, None]), 0.0)
+        alpha = jnp.exp2(mx - mx_new)
+        p = jnp.exp2(s - mx_new[:, None])
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
         sm = alpha * sm + jnp.sum(p, axis=1)
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, mx_new, sm
 
+    def share(n_blocks):  # split j's blocks of n_blocks: [first, first + count)
+        per = pl.cdiv(n_blocks, splits)
+        first = jnp.minimum(j * per, n_blocks)
+        return first, jnp.minimum(per, n_blocks - first)
+
     carry = (jnp.zeros((bm, e), jnp.float32), jnp.full((bm,), NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
 
     if rk_ref is not None:
+        # ring: only the positions some row of this block can see, [qmin - W + 1, qmax], in
+        # blocks aligned to bk (R is a multiple of bk, so a block never wraps around the ring)
         bk = _block(ring, tiling.block_k)
         end = end_ref[b]
-        rspan = pl.cdiv(pl.cdiv(ring, splits), bk) * bk
-        r0 = j * rspan
-        shift = ring - jax.lax.rem(end, ring)
+        oldest = jnp.maximum(end - ring, 0)  # the ring holds positions [end - R, end)
+        lo = jnp.maximum(qmin - window + 1, oldest)
+        p0 = (lo // bk) * bk
+        first, count = share(jnp.where(qmax >= lo, pl.cdiv(qmax + 1 - p0, bk), 0))
 
         def ring_body(i, carry):
-            start = r0 + i * bk
-            pos = end - ring + jax.lax.rem(start + jnp.arange(bk) + shift, ring)
+            start = p0 + (first + i) * bk
+            pos = start + jnp.arange(bk)
             d = qpos[:, None] - pos[None, :]
-            ok = (d >= 0) & (d < window) & (pos >= 0)[None, :]
-            at = (layer, b, h, pl.ds(start, bk), slice(None))
+            ok = (d >= 0) & (d < window) & (pos >= oldest)[None, :]
+            at = (layer, b, h, pl.ds(jax.lax.rem(start, ring), bk), slice(None))
             return step(carry, rk_ref[at], rv_ref[at], ok)
 
-        n_ring = pl.cdiv(jnp.clip(ring - r0, 0, rspan), bk)
-        carry = jax.lax.fori_loop(0, n_ring, ring_body, carry)
+        carry = jax.lax.fori_loop(0, count, ring_body, carry)
 
+    # global store: slots [0, n_open) are visible to every row (no mask, no position load);
+    # slots [n_open, glen) are checked against their positions
     bk = _block(gk_ref.shape[3], tiling.block_k)
     glen = glen_ref[n]
     if gpos_ref is None:  # slot == position: causal block skipping
-        glen = jnp.minimum(glen, jnp.max(qpos) + 1 - glob_lo)
-    gspan = pl.cdiv(pl.cdiv(glen, splits), bk) * bk
-    g0 = j * gspan
+        glen = jnp.minimum(glen, qmax + 1 - glob_lo)
+        n_open = jnp.clip(qmin + 1 - glob_lo, 0, glen)
+    else:
+        n_open = jnp.minimum(open_ref[n], glen)
+    n_open_blocks = n_open // bk
+    if skip_open:  # the open part is attended elsewhere (cuDNN); n_open is a block multiple then
+        n_open_blocks = 0
+        base = n_open
+    else:
+        first, count = share(n_open_blocks)
+
+        def open_body(i, carry):
+            at = (layer, b, h, pl.ds((first + i) * bk, bk), slice(None))
+            return step(carry, gk_ref[at], gv_ref[at], None)
+
+        carry = jax.lax.fori_loop(0, count, open_body, carry)
+        base = n_open_blocks * bk
+    first, count = share(pl.cdiv(jnp.maximum(glen - base, 0), bk))
 
     def glob_body(i, carry):
-        start = g0 + i * bk
+        start = base + (first + i) * bk
         slot = start + jnp.arange(bk)
         live = slot < glen
         at = (layer, b, h, pl.ds(start, bk))
@@ -192,8 +228,7 @@ def _kernel(
         v = plgpu.load(gv_ref.at[(*at, slice(None))], mask=live[:, None], other=0.0)
         return step(carry, k, v, ok)
 
-    n_glob = pl.cdiv(jnp.clip(glen - g0, 0, gspan), bk)
-    acc, mx, sm = jax.lax.fori_loop(0, n_glob, glob_body, carry)
+    acc, mx, sm = jax.lax.fori_loop(0, count, glob_body, carry)
     o_ref[...] = acc
     m_ref[...] = mx
     l_ref[...] = sm
@@ -208,12 +243,26 @@ def _block(size: int, most: int) -> int:
 
 
 def merge(acc_njme, mx_njm, sm_njm):
-    """Log-sum-exp merge of split partials -> normalised [N, M, E] float32 (zeros where no key)."""
-    top = jnp.max(mx_njm, axis=1, keepdims=True)
-    w = jnp.exp(mx_njm - top)
+    """Log-sum-exp merge of split partials (log2 units) -> (normalised [N, M, E] float32, log2-sum-exp
+    [N, M]); rows that saw no key give zeros and -inf."""
+    top = jnp.max(mx_njm, axis=1)
+    w = jnp.exp2(mx_njm - top[:, None])
     sm = jnp.sum(w * sm_njm, axis=1)
     acc = jnp.sum(w[..., None] * acc_njme, axis=1)
-    return jnp.where(sm[..., None] > 0, acc / jnp.where(sm > 0, sm, 1.0)[..., None], 0.0)
+    seen = sm > 0
+    o = jnp.where(seen[..., None], acc / jnp.where(seen, sm, 1.0)[..., None], 0.0)
+    return o, jnp.where(seen, top + jnp.log2(jnp.where(seen, sm, 1.0)), -jnp.inf)
+
+
+def merge_normalised(o1, lse1, o2, lse2):
+    """Combine two normalised attention results over disjoint key sets by their log2-sum-exps."""
+    top = jnp.maximum(lse1, lse2)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w1, w2 = jnp.exp2(lse1 - top), jnp.exp2(lse2 - top)
+    den = w1 + w2
+    return jnp.where(
+        den[..., None] > 0, (w1[..., None] * o1 + w2[..., None] * o2) / jnp.where(den > 0, den, 1.0)[..., None], 0.0
+    )
 
 
 def ragged_attention(
@@ -232,14 +281,20 @@ def ragged_attention(
     glob_lo: int,
     tiling: Tiling | None = None,
     interpret: bool = False,
+    open_len_bk=None,
+    skip_open: bool = False,
+    return_lse: bool = False,
 ):
     """The Pallas kernel; same signature and result as `ragged_attention_reference`.
 
+    open_len_bk [B, K]: the first global slots of each head that every query row may see (no
+    position check: for a dual-cache chunk, the entries stored before it). With `skip_open`
+    those slots are left out (attended by another kernel and merged through `return_lse`).
     Needs the ring size and the capacity to be multiples of 16 (see `unsupported`).
     """
     b, k, m, e = q_bkme.shape
     if tiling is None:
-        tiling = decode_tiling(m, k, glob_k.shape[3]) if m <= 64 else prefill_tiling(m)
+        tiling = decode_tiling(m, b * k, glob_k.shape[3]) if m <= 64 else prefill_tiling(m)
     problem = unsupported(q_bkme, ring_k, glob_k, tiling)
     if problem:
         raise ValueError(problem)
@@ -258,7 +313,10 @@ def ragged_attention(
         tiling=tiling,
         scale=e**-0.5,
         precision=precision,
+        skip_open=skip_open,
     )
+    if open_len_bk is None:
+        open_len_bk = jnp.zeros((b, k), jnp.int32)
     full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
     grid = (b * k, mp // bm, s)
     acc, mx, sm = pl.pallas_call(
@@ -267,6 +325,7 @@ def ragged_attention(
         in_specs=[
             full(jnp.zeros(1)),
             full(ring_end_b),
+            full(glob_len_bk.reshape(-1)),
             full(glob_len_bk.reshape(-1)),
             pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0)),
             pl.BlockSpec((None, bm), lambda n, i, j: (n // k, i)),
@@ -293,6 +352,7 @@ def ragged_attention(
         jnp.reshape(layer, (1,)).astype(jnp.int32),
         jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32),
         glob_len_bk.reshape(-1).astype(jnp.int32),
+        open_len_bk.reshape(-1).astype(jnp.int32),
         q,
         qpos,
         ring_k,
@@ -301,7 +361,9 @@ def ragged_attention(
         glob_v,
         glob_pos,
     )
-    return merge(acc, mx, sm)[:, :m].reshape(b, k, m, e)
+    o, lse = merge(acc, mx, sm)
+    o = o[:, :m].reshape(b, k, m, e)
+    return (o, lse[:, :m].reshape(b, k, m)) if return_lse else o
 
 
 def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
@@ -317,20 +379,48 @@ def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
 
 
 def attend_grouped(
-    q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer, *, window, glob_lo, impl
-):
-    """`ragged_attention` (impl "pallas" / "interpret") or its reference, on the model's layout.
+    q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer, *, window, glob_lo, impl,
+    open_len_bk=None,
+):  # fmt: skip
+    """Attention of a chunk over a cache, on the model's layout; returns [B, T, K, G, E] float32.
 
     q_btkge: [B, T, K, G, E] with positions pos_bt [B, T] (contiguous per row; the ring's newest
-    position is pos_bt[:, -1]). Returns [B, T, K, G, E] float32.
+    position is pos_bt[:, -1]). impl: "reference"; "pallas" / "interpret" (the kernel compiled /
+    on CPU); "cudnn" (GPU, chunks of T > 1: the open global slots through cuDNN flash attention
+    with per-head key lengths, the ring and the rest through the kernel, merged by log-sum-exp);
+    "interpret-xla" (the same split on CPU, XLA in place of cuDNN; for tests).
     """
     b, t, k, g, e = q_btkge.shape
     q_bkme = jnp.swapaxes(q_btkge, 1, 2).reshape(b, k, t * g, e)
     q_pos_bm = jnp.repeat(pos_bt, g, axis=1)
     end_b = pos_bt[:, -1] + 1
     args = (q_bkme, q_pos_bm, ring_k, ring_v, end_b, glob_k, glob_v, glob_pos, glob_len_bk, layer)
+    kw = dict(window=window, glob_lo=glob_lo, open_len_bk=open_len_bk)
+    split = impl in ("cudnn", "interpret-xla") and t > 1 and open_len_bk is not None
     if impl == "reference":
         o = ragged_attention_reference(*args, window=window, glob_lo=glob_lo)
+    elif not split:
+        o = ragged_attention(*args, **kw, interpret=impl.startswith("interpret"))
     else:
-        o = ragged_attention(*args, window=window, glob_lo=glob_lo, interpret=impl == "interpret")
+        o_k, lse_k = ragged_attention(*args, **kw, interpret=impl != "cudnn", skip_open=True, return_lse=True)
+        o_c, lse_c = _open_attention(q_btkge, glob_k[layer], glob_v[layer], open_len_bk, cudnn=impl == "cudnn")
+        o = merge_normalised(o_k, lse_k, o_c, lse_c)
     return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2)
+
+
+def _open_attention(q_btkge, k_bkce, v_bkce, open_len_bk, *, cudnn: bool):
+    """Non-causal attention of every query over the first open_len global slots of its head, with
+    (b, k) folded into the batch (one KV head each, G query heads). Returns ([B, K, M, E] float32,
+    log2-sum-exp [B, K, M], -inf where a head has no open slot)."""
+    b, t, k, g, e = q_btkge.shape
+    cap = k_bkce.shape[2]
+    q = jnp.swapaxes(q_btkge, 1, 2).reshape(b * k, t, g, e).astype(k_bkce.dtype)
+    lens = open_len_bk.reshape(-1).astype(jnp.int32)
+    o, lse = jax.nn.dot_product_attention(
+        q, k_bkce.reshape(b * k, cap, 1, e), v_bkce.reshape(b * k, cap, 1, e),
+        key_value_seq_lengths=jnp.maximum(lens, 1), implementation="cudnn" if cudnn else "xla", return_residual=True,
+    )  # fmt: skip
+    if lse.shape[1] != t:  # [N, G, T] -> [N, T, G]
+        lse = jnp.swapaxes(lse, 1, 2)
+    lse = jnp.where(lens[:, None, None] > 0, lse.astype(jnp.float32) * LOG2E, -jnp.inf)
+    return o.astype(jnp.float32).reshape(b, k, t * g, e), lse.reshape(b, k, t * g)
