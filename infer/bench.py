@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--e2e-contexts", type=int, nargs="*", default=None, help="end-to-end only at these lengths")
+    p.add_argument("--batch-contexts", type=int, nargs="*", default=None, help="batch part only at these lengths")
     p.add_argument("--rate", type=float, default=0.2, help="random admission rate beyond the window")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--chunk", type=int, default=2048, help="dual-cache prefill chunk")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     result = bench.run(
         args.contexts, args.parts, rate=args.rate, window=args.window, chunk=args.chunk,
         capacity_fraction=args.capacity_fraction, steps=args.steps, repeats=args.repeats,
-        hbm_peak_gbps=args.hbm_peak_gbps, e2e_contexts=args.e2e_contexts,
+        hbm_peak_gbps=args.hbm_peak_gbps, e2e_contexts=args.e2e_contexts, batch_contexts=args.batch_contexts,
         cfg=LLAMA31_8B if args.config == "llama-3.1-8b" else TINY_BENCH,
         batch_memory=None if args.batch_memory is None else int(args.batch_memory * 2**30),
     )  # fmt: skip

@@ -380,7 +380,7 @@ def machine() -> dict:
 
 def run(
     contexts, parts, *, rate=0.2, window=256, chunk=2048, capacity_fraction=0.22, steps=32, repeats=5,
-    hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None,
+    hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None, batch_contexts=None,
 ) -> dict:  # fmt: skip
     """Run the requested parts ("check", "attention", "e2e", "batch") for each context length."""
     setting = CacheConfig(window=window, chunk=chunk, capacity_fraction=capacity_fraction)
@@ -403,7 +403,8 @@ def run(
             row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats, tilings)
             log(f"{n}: attention-only decode")
             row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats)
-        if ("e2e" in parts and (e2e_contexts is None or n in e2e_contexts)) or "batch" in parts:
+        do_batch = "batch" in parts and (batch_contexts is None or n in batch_contexts)
+        if ("e2e" in parts and (e2e_contexts is None or n in e2e_contexts)) or do_batch:
             params = params if params is not None else random_params(cfg)
             weight_bytes = nbytes(params)
             result["weight_bytes"] = weight_bytes
@@ -419,7 +420,7 @@ def run(
                 e2e[f"{name}_decode_floor_ms"] = floor_ms
                 e2e[f"{name}_decode_of_floor"] = floor_ms / e2e[f"{name}_decode_ms"]
             row["end_to_end"] = e2e
-        if "batch" in parts:
+        if do_batch:
             log(f"{n}: largest batches")
             stats = jax.devices()[0].memory_stats() or {}
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
