@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hbm-peak-gbps", type=float, default=3350.0, help="HBM peak for the decode floor (H100 SXM)")
     p.add_argument("--config", default="llama-3.1-8b", choices=["llama-3.1-8b", "tiny"], help="tiny: CPU smoke run")
     p.add_argument("--batch-memory", type=float, default=None, help="GiB for the batch caches (default: 85%% of free)")
+    p.add_argument("--scanned-decode", action="store_true", help="decode with scanned layers (default: unrolled)")
     p.add_argument("--out", type=Path, default=Path("results/long_context.json"))
     p.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG of an existing JSON")
     args = p.parse_args(argv)
@@ -52,15 +53,17 @@ def main(argv=None) -> int:
     if args.plot_only:
         bench.plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda res: args.out.write_text(json.dumps(res, indent=1))  # noqa: E731  after every context
     result = bench.run(
         args.contexts, args.parts, rate=args.rate, window=args.window, chunk=args.chunk,
         capacity_fraction=args.capacity_fraction, steps=args.steps, repeats=args.repeats,
         hbm_peak_gbps=args.hbm_peak_gbps, e2e_contexts=args.e2e_contexts, batch_contexts=args.batch_contexts,
         cfg=LLAMA31_8B if args.config == "llama-3.1-8b" else TINY_BENCH,
         batch_memory=None if args.batch_memory is None else int(args.batch_memory * 2**30),
+        unrolled_decode=not args.scanned_decode, on_update=save,
     )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result)
     try:
         bench.plot(result, args.out.with_suffix(".png"))
     except ImportError:

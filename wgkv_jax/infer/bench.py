@@ -43,7 +43,7 @@ from wgkv_jax.infer import generate as gen
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.kernels import dispatch, ragged
 from wgkv_jax.model.config import ModelConfig
-from wgkv_jax.model.transformer import param_shapes
+from wgkv_jax.model.transformer import param_shapes, unstack_layers
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -238,6 +238,47 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
         ms = timed(jax.jit(fn), q, cache, repeats=repeats * 4)
         out[f"{name}_ms"] = ms
         out[f"{name}_gbps"] = nb / ms / 1e6
+    for splits in (8, 16, 32, 64, 128):
+        for bk in (64, 128):
+            til = ragged.Tiling(block_m=16, block_k=bk, splits=splits, num_warps=4, num_stages=3)
+            for name, cache in (("full", full), ("dual", dual)):
+                if _ragged() != "pallas":
+                    continue
+                if name == "full":
+                    fn = lambda q, c, til=til: ragged.ragged_attention(  # noqa: E731
+                        jnp.swapaxes(q, 1, 2).reshape(batch, k_heads, g, e),
+                        jnp.repeat(pos, g, axis=1),
+                        None,
+                        None,
+                        None,
+                        c.k,
+                        c.v,
+                        None,
+                        length,
+                        0,
+                        window=0,
+                        glob_lo=0,
+                        tiling=til,
+                    )
+                else:
+                    fn = lambda q, c, til=til: ragged.ragged_attention(  # noqa: E731
+                        jnp.swapaxes(q, 1, 2).reshape(batch, k_heads, g, e),
+                        jnp.repeat(pos, g, axis=1),
+                        c.ring_k,
+                        c.ring_v,
+                        pos[:, 0] + 1,
+                        c.glob_k,
+                        c.glob_v,
+                        c.glob_pos,
+                        c.length[0],
+                        0,
+                        window=w,
+                        glob_lo=w,
+                        tiling=til,
+                    )
+                out.setdefault("tilings", {})[f"{name}_s{splits}_k{bk}"] = timed(
+                    jax.jit(fn), q, cache, repeats=repeats * 4
+                )
     best_full = min(out["full_xla_ms"], out["full_pallas_ms"])
     out["speedup_vs_best_full"] = best_full / out["dual_pallas_ms"]
     return out
@@ -283,8 +324,13 @@ class NoAttention:
         return jnp.zeros_like(q_btkgd), cache
 
 
-def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
-    """Batch-1 prefill of n_tokens then `steps` decode tokens, full cache vs dual cache."""
+def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) -> dict:
+    """Batch-1 prefill of n_tokens then `steps` decode tokens, full cache vs dual cache.
+
+    Prefill runs on the stacked `params` (scanned layers); decode on `decode_params` (default: the
+    same), e.g. the per-layer buffers of `unstack_layers`, which GPU matmuls read in place."""
+    stacked = params
+    params = decode_params if decode_params is not None else params
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (1, n_tokens)).astype(np.int32)
     out = {}
@@ -295,14 +341,16 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
     lengths = jnp.asarray([n_tokens], jnp.int32)
     prefill = functools.partial(gen.prefill, attend=FullAttend("prefill", _causal(cfg)))
     key = jax.random.PRNGKey(0)
-    first, state = prefill(params, cfg, state, tokens, lengths, key, GREEDY)  # compile + warm
+    first, state = prefill(stacked, cfg, state, tokens, lengths, key, GREEDY)  # compile + warm
     first.block_until_ready()
     t0 = time.perf_counter()
-    first, state = prefill(params, cfg, state, tokens, lengths, key, GREEDY)
+    first, state = prefill(stacked, cfg, state, tokens, lengths, key, GREEDY)
     first.block_until_ready()
     out["full_prefill_s"] = time.perf_counter() - t0
     out["full_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, FullAttend("decode", _ragged()), steps)
     out["no_attention_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, NoAttention(), steps)
+    if decode_params is not None:
+        out["no_attention_decode_stacked_ms"], state = _decode_ms(stacked, cfg, state, n_tokens, NoAttention(), steps)
     del state
 
     # dual cache: chunked prefill, random admission
@@ -315,13 +363,15 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
     for phase in ("warm", "timed"):
         state = make()
         if phase == "warm":  # compile with one chunk
-            first, state = gen.prefill_chunk(params, cfg, state, tokens[:, :chunk], pos[:, :chunk], key, GREEDY, attend)
+            first, state = gen.prefill_chunk(
+                stacked, cfg, state, tokens[:, :chunk], pos[:, :chunk], key, GREEDY, attend
+            )
             first.block_until_ready()
             continue
         t0 = time.perf_counter()
         for c in range(0, n_tokens, chunk):
             first, state = gen.prefill_chunk(
-                params, cfg, state, tokens[:, c : c + chunk], pos[:, c : c + chunk], key, GREEDY, attend
+                stacked, cfg, state, tokens[:, c : c + chunk], pos[:, c : c + chunk], key, GREEDY, attend
             )
         first.block_until_ready()
         out["dual_prefill_s"] = time.perf_counter() - t0
@@ -346,19 +396,27 @@ def batch_decode(params, cfg, n_tokens, setting, rate, steps, hbm_free: int) -> 
     dual_row = per_row_full * (setting.window + setting.chunk + cap) * 1.02  # + positions, scores, bits
     out = {"full_row_bytes": full_row, "dual_row_bytes": int(dual_row)}
     for name, row in (("full", full_row), ("dual", dual_row)):
-        b = int(hbm_free // row)
-        out[f"{name}_max_batch"] = b
-        if b < 1:
-            continue
-        if name == "full":
-            cache, attend = synthetic_full(cfg, b, size), FullAttend("decode", _ragged())
-        else:
-            cache = synthetic_dual(cfg, b, n_tokens, setting, rate)
-            attend = DualAttend(FixedAdmission("random", rate=rate, seed=0), impl=_ragged())
-        ms, cache = _decode_ms(params, cfg, cache, n_tokens, attend, steps)
+        b = int(hbm_free // row)  # the estimate; lowered until the decode really runs
+        while b >= 1:
+            try:
+                if name == "full":
+                    cache, attend = synthetic_full(cfg, b, size), FullAttend("decode", _ragged())
+                else:
+                    cache = synthetic_dual(cfg, b, n_tokens, setting, rate)
+                    attend = DualAttend(FixedAdmission("random", rate=rate, seed=0), impl=_ragged())
+                ms, cache = _decode_ms(params, cfg, cache, n_tokens, attend, steps)
+                break
+            except jax.errors.JaxRuntimeError as err:
+                if "RESOURCE_EXHAUSTED" not in str(err):
+                    raise
+                log(f"{name} cache at batch {b} does not fit; trying {b - 1}")
+                cache = None
+                b -= 1
         del cache
-        out[f"{name}_step_ms"] = ms
-        out[f"{name}_tokens_per_s"] = b * 1e3 / ms
+        out[f"{name}_max_batch"] = b
+        if b >= 1:
+            out[f"{name}_step_ms"] = ms
+            out[f"{name}_tokens_per_s"] = b * 1e3 / ms
     if out.get("full_max_batch"):
         out["batch_ratio"] = out["dual_max_batch"] / out["full_max_batch"]
         out["throughput_ratio"] = out["dual_tokens_per_s"] / out["full_tokens_per_s"]
@@ -381,6 +439,7 @@ def machine() -> dict:
 def run(
     contexts, parts, *, rate=0.2, window=256, chunk=2048, capacity_fraction=0.22, steps=32, repeats=5,
     hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None, batch_contexts=None,
+    unrolled_decode=True, on_update=None,
 ) -> dict:  # fmt: skip
     """Run the requested parts ("check", "attention", "e2e", "batch") for each context length."""
     setting = CacheConfig(window=window, chunk=chunk, capacity_fraction=capacity_fraction)
@@ -388,10 +447,11 @@ def run(
         "machine": machine(),
         "model": dataclasses.asdict(cfg) | {"rope_scaling": None},
         "settings": {"rate": rate, "window": window, "chunk": chunk, "capacity_fraction": capacity_fraction,
-                     "decode_steps": steps, "hbm_peak_gbps": hbm_peak_gbps},
+                     "decode_steps": steps, "hbm_peak_gbps": hbm_peak_gbps,
+                     "decode_layers": "unrolled" if unrolled_decode else "scanned"},
         "contexts": {},
     }  # fmt: skip
-    params = None
+    params = decode_params = None
     for n in contexts:
         row = result["contexts"].setdefault(str(n), {})
         if "check" in parts:
@@ -408,9 +468,11 @@ def run(
             params = params if params is not None else random_params(cfg)
             weight_bytes = nbytes(params)
             result["weight_bytes"] = weight_bytes
+            if unrolled_decode and decode_params is None:
+                decode_params = unstack_layers(params, free=False)
         if "e2e" in parts and (e2e_contexts is None or n in e2e_contexts):
             log(f"{n}: end to end")
-            e2e = end_to_end(params, cfg, n, setting, rate, steps)
+            e2e = end_to_end(params, cfg, n, setting, rate, steps, decode_params)
             for name in ("full", "dual"):
                 kv = e2e["full_kv_bytes"] * (n + 1) / gen.cache_bucket(n + steps) if name == "full" else None
                 if name == "dual":
@@ -422,10 +484,19 @@ def run(
             row["end_to_end"] = e2e
         if do_batch:
             log(f"{n}: largest batches")
+            if decode_params is not None:  # decode needs one copy of the weights: free the stacked one
+                for x in jax.tree.leaves(params["layers"]):  # embed / head are shared with decode_params
+                    x.delete()
+                params = None
             stats = jax.devices()[0].memory_stats() or {}
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-            row["batch"] = batch_decode(params, cfg, n, setting, rate, steps, batch_memory or int(free * 0.85))
+            row["batch"] = batch_decode(
+                decode_params if decode_params is not None else params, cfg, n, setting, rate, steps,
+                batch_memory or int(free * 0.9),
+            )  # fmt: skip
         log(json.dumps(row))
+        if on_update:
+            on_update(result)
     return result
 
 

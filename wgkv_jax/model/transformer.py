@@ -217,9 +217,17 @@ def hidden_states(
       tokens_bt: int32 [B, T]; pos_bt: int32 [B, T] absolute positions (RoPE and masks).
       attend: the attention policy (default: causal attention without a cache).
       state: the policy's cache pytree, threaded through the layers.
+
+    params["layers"] is either stacked (one [L, ...] array per weight: a `lax.scan`, one compiled
+    layer) or a list of per-layer dicts from `unstack_layers` (an unrolled loop whose matmuls read
+    each layer's weights in place; on GPU the scan copies every layer's weight slice first).
     """
     inv_freq = rope_inv_freq(cfg)
     x_btd = jnp.take(params["embed"], tokens_bt, axis=0)
+    if isinstance(params["layers"], list | tuple):
+        for layer, p in enumerate(params["layers"]):
+            x_btd, state = _layer(cfg, inv_freq, attend, x_btd, p, layer, pos_bt, state)
+        return rms_norm(x_btd, params["final_norm"], cfg.rms_eps), state
 
     def body(carry, xs):
         x, st = carry
@@ -229,6 +237,23 @@ def hidden_states(
     layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
     (x_btd, state), _ = jax.lax.scan(body, (x_btd, state), (params["layers"], layer_ids))
     return rms_norm(x_btd, params["final_norm"], cfg.rms_eps), state
+
+
+def unstack_layers(params: Params, *, free: bool = True) -> Params:
+    """The same parameters with params["layers"] as a list of per-layer dicts (separate buffers).
+
+    Converts one weight at a time; with `free`, deletes each stacked array once split (peak: one
+    weight's copy), so `params` must not be used afterwards."""
+    layers = dict(params["layers"])
+    n = len(next(iter(layers.values())))
+    out = [{} for _ in range(n)]
+    for name in list(layers):
+        stacked = layers.pop(name)
+        for layer, x in enumerate(jax.jit(lambda a, n=n: [a[i] for i in range(n)])(stacked)):
+            out[layer][name] = x
+        if free and isinstance(stacked, jax.Array):
+            stacked.delete()
+    return dict(params, layers=out)
 
 
 def lm_head(params: Params, cfg: ModelConfig, h_btd):
