@@ -317,6 +317,7 @@ def ragged_attention(
     )
     if open_len_bk is None:
         open_len_bk = jnp.zeros((b, k), jnp.int32)
+    end_b = jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32)
     full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
     grid = (b * k, mp // bm, s)
     acc, mx, sm = pl.pallas_call(
@@ -324,7 +325,7 @@ def ragged_attention(
         grid=grid,
         in_specs=[
             full(jnp.zeros(1)),
-            full(ring_end_b),
+            full(end_b),
             full(glob_len_bk.reshape(-1)),
             full(glob_len_bk.reshape(-1)),
             pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0)),
@@ -350,7 +351,7 @@ def ragged_attention(
         name="wgkv_ragged_attention",
     )(
         jnp.reshape(layer, (1,)).astype(jnp.int32),
-        jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32),
+        end_b,
         glob_len_bk.reshape(-1).astype(jnp.int32),
         open_len_bk.reshape(-1).astype(jnp.int32),
         q,
