@@ -39,6 +39,11 @@ class GenerateArgs:
     """System message for chat models (default: the template's own)."""
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"
     """Weights/activations dtype; auto = float32 on CPU, bfloat16 on accelerators."""
+    layers: Literal["auto", "stacked", "unrolled"] = "auto"
+    """Weight layout: one buffer per layer ("unrolled"; fastest GPU decode) or stacked (scan);
+    auto = unrolled on GPU."""
+    attention_impl: Literal["auto", "reference", "pallas", "cudnn"] = "auto"
+    """Attention kernels (wgkv_jax.kernels.dispatch): auto = Pallas/cuDNN on GPU, XLA elsewhere."""
     model_parallel: int = 1
     """Size of the `model` mesh axis; the remaining devices form the `data` axis."""
     stream: bool = True
@@ -93,7 +98,8 @@ def main(args: GenerateArgs) -> int:
             return 2
     mesh = wgkv_jax.make_mesh(model=args.model_parallel) if args.model_parallel > 1 else None
     try:
-        model = wgkv_jax.load_model(args.model, dtype=None if args.dtype == "auto" else args.dtype, mesh=mesh)
+        dtype = None if args.dtype == "auto" else args.dtype
+        model = wgkv_jax.load_model(args.model, dtype=dtype, mesh=mesh, layers=args.layers)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,6 +130,7 @@ def main(args: GenerateArgs) -> int:
             chat=chat,
             system=args.system,
             stream=emit if args.stream else None,
+            attention_impl=args.attention_impl,
             **dual,
         )
     except (ValueError, wgkv_jax.CapacityError) as e:

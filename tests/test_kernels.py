@@ -12,11 +12,21 @@ import pytest
 from conftest import TINY_LLAMA
 from test_dual_cache import _run, rand_tokens
 
-from wgkv_jax.cache import CacheConfig, DualAttend, DualCache, FixedAdmission, KVCache, reference_logits
+from wgkv_jax import gates
+from wgkv_jax.cache import (
+    CacheConfig,
+    DualAttend,
+    DualCache,
+    FixedAdmission,
+    GateAdmission,
+    KVCache,
+    reference_logits,
+)
 from wgkv_jax.cache.full import FullAttend
 from wgkv_jax.infer.generate import generate_ids
 from wgkv_jax.kernels import dispatch, ragged
-from wgkv_jax.model import init_params
+from wgkv_jax.model import forward, init_params
+from wgkv_jax.model.transformer import unstack_layers
 
 L, B, K = 2, 2, 2
 
@@ -184,3 +194,51 @@ def test_dual_attend_falls_back_on_unsupported_capacity(params):
         out, _ = _run(params, cfg, cache, tokens[None, :16], np.arange(16)[None], DualAttend(adm, impl="interpret"))
     ref, _ = reference_logits(params, cfg, tokens[None, :16], adm, 16)
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- unrolled layers
+
+
+def test_unrolled_layers_equal_scanned(params):
+    """Per-layer weight buffers (the fast GPU decode layout) give the same logits and the same
+    generation, with a real write gate sliced per layer, as the stacked scan."""
+    cfg = TINY_LLAMA
+    sharp = dict(params, lm_head=params["lm_head"] * 30)
+    unrolled = unstack_layers(sharp, free=False)
+    assert isinstance(unrolled["layers"], list) and len(unrolled["layers"]) == cfg.n_layers
+    tokens = jnp.asarray(rand_tokens(24, seed=9))[None]
+    np.testing.assert_allclose(
+        np.asarray(forward(unrolled, cfg, tokens)), np.asarray(forward(sharp, cfg, tokens)), atol=1e-5, rtol=1e-5
+    )
+    gate = gates.make("wgkv", cfg)
+    gparams = gates.init_stacked(gate, cfg, jax.random.PRNGKey(3))
+    admission = GateAdmission(gate, tau=0.5)
+    prompts = [list(rand_tokens(45, seed=10)), list(rand_tokens(20, seed=11))]
+    cc = CacheConfig(window=16, chunk=16, capacity=48)
+    outs = [
+        generate_ids(p, cfg, prompts, max_new_tokens=5, cache=cc, admission=admission, gate_params=gparams)
+        for p in (sharp, unrolled)
+    ]
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][2]["cache"].global_lengths == outs[1][2]["cache"].global_lengths
+    assert int(np.sum(outs[0][2]["cache"].global_lengths)) > 0
+
+
+def test_load_model_layer_layouts(tmp_path):
+    import wgkv_jax
+
+    with pytest.raises(ValueError, match="layers='flat'"):
+        wgkv_jax.load_model("smollm2-135m", layers="flat")
+
+
+@pytest.mark.slow
+def test_load_model_unrolled_real(smollm2):
+    """The real model loaded with one buffer per layer holds the same weights, layer by layer."""
+    import wgkv_jax
+
+    unrolled = wgkv_jax.load_model("smollm2-135m", layers="unrolled")
+    layers = unrolled.params["layers"]
+    assert isinstance(layers, list) and len(layers) == smollm2.config.n_layers
+    for name, stacked in smollm2.params["layers"].items():
+        for i in (0, len(layers) - 1):
+            np.testing.assert_array_equal(np.asarray(layers[i][name]), np.asarray(stacked[i]))

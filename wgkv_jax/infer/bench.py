@@ -118,7 +118,7 @@ def synthetic_dual(cfg, batch, n_tokens, setting, rate, seed=0, dtype=jnp.bfloat
         length.reshape(-1)[i] = len(p)
     cache = DualCache.zeros(cfg, batch, w, cap, dtype, chunk=chunk)
     key = jax.random.PRNGKey(seed)
-    fill = jax.jit(lambda k, x: jax.random.normal(k, x.shape, x.dtype), donate_argnums=1)
+    fill = _fill_random
     return dataclasses.replace(
         cache,
         ring_k=fill(jax.random.fold_in(key, 1), cache.ring_k),
@@ -132,10 +132,22 @@ def synthetic_dual(cfg, batch, n_tokens, setting, rate, seed=0, dtype=jnp.bfloat
 
 
 def synthetic_full(cfg, batch, size, seed=0, dtype=jnp.bfloat16):
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
+    cache = KVCache.zeros(cfg, batch, size, dtype)
     key = jax.random.PRNGKey(seed)
-    make = jax.jit(lambda k: jax.random.normal(k, shape, dtype))
-    return KVCache(make(jax.random.fold_in(key, 1)), make(jax.random.fold_in(key, 2)))
+    return KVCache(_fill_random(jax.random.fold_in(key, 1), cache.k), _fill_random(jax.random.fold_in(key, 2), cache.v))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _fill_layer(x, key, layer):
+    return x.at[layer].set(jax.random.normal(key, x.shape[1:], x.dtype))
+
+
+def _fill_random(key, x):
+    """Random normal values written into x one layer at a time (donated: no second cache in memory,
+    and the random bits of one layer at a time)."""
+    for layer in range(x.shape[0]):
+        x = _fill_layer(x, jax.random.fold_in(key, layer), layer)
+    return x
 
 
 # ----------------------------------------------------------------------------- attention only

@@ -297,7 +297,12 @@ def generate_ids(
         shape_info = {"prompt_bucket": t_bucket, "cache_size": size}
     else:
         if gate_params is not None:
-            params = dict(params, layers=dict(params["layers"], gate=gate_params))
+            layers = params["layers"]
+            if isinstance(layers, list | tuple):  # unrolled layers: each gets its slice of the gate
+                layers = [dict(p, gate=jax.tree.map(lambda x, i=i: x[i], gate_params)) for i, p in enumerate(layers)]
+            else:
+                layers = dict(layers, gate=gate_params)
+            params = dict(params, layers=layers)
         t_bucket = prompt_bucket(longest)
         chunk = min(t_bucket, cache.chunk)
         capacity = cache.resolve_capacity(length_bucket(longest + max_new_tokens))

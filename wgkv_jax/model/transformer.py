@@ -239,6 +239,12 @@ def hidden_states(
     return rms_norm(x_btd, params["final_norm"], cfg.rms_eps), state
 
 
+def unstack_tree(layers: dict, n_layers: int) -> list[dict]:
+    """Host-side split of stacked per-layer leaves (numpy views; also works on logical-axis tuples,
+    whose leading "layers" name is dropped)."""
+    return [{k: (v[1:] if isinstance(v, tuple) else v[i]) for k, v in layers.items()} for i in range(n_layers)]
+
+
 def unstack_layers(params: Params, *, free: bool = True) -> Params:
     """The same parameters with params["layers"] as a list of per-layer dicts (separate buffers).
 
