@@ -29,7 +29,6 @@ def test_bad_arguments_are_named(argv, match, capsys):
 
 
 def test_plot_only_redraws_png(tmp_path):
-    pytest.importorskip("matplotlib")
     data = json.loads(RESULT.read_text())
     assert {"attention_prefill", "attention_decode", "end_to_end"} <= set(data["contexts"]["131072"])
     copy = tmp_path / "r.json"
