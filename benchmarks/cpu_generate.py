@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default 1 8)")
     p.add_argument("--prefill-batch", type=int, default=1, help="batch of the prefill setting (default 1)")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random prompts")
+    p.add_argument(
+        "--layers", default="stacked", choices=["stacked", "unrolled"], help="our weight layout (default stacked)"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF model.generate decode figure")
     p.add_argument(
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         log(f"WARNING: {warning}")
     t0 = time.perf_counter()
-    ours = wgkv_jax.load_model("smollm2-135m")
+    ours = wgkv_jax.load_model("smollm2-135m", layers=args.layers)
     log(f"ours loaded in {time.perf_counter() - t0:.1f}s ({ours.config.name})")
     t0 = time.perf_counter()
     hf = load_hf(path)
