@@ -7,11 +7,15 @@ One kernel serves prefill chunks and decode steps. Per (row b, KV head h) the ke
   * the global store: slot c < length[b, h] holds position gpos[c]; query i sees it when
     i - gpos >= glob_lo (W for the dual cache, 0 for a plain full cache whose slot == position).
 
-Work split (flash-decoding): the grid is (B*K, query blocks, S splits). Split j of a head takes
-the j-th share of that head's *own* global length, so the S programs of a head get equal work
-whatever the head's length, and blocks past the length are never read. Each program also takes
-the j-th share of the ring. Programs write unnormalised partials (acc, max, sum) that `merge`
-combines with log-sum-exp weights.
+Work split (flash-decoding): the grid is (B*K, query blocks, S splits). A program reads
+  * of the ring, only the positions its query block can see ([min q - W + 1, max q], in blocks
+    aligned so that none wraps around the ring), its split's share of them;
+  * of the global store, its split's share of the head's *own* length, so the S programs of a
+    head get equal work whatever the head's length and blocks past the length are never read.
+    The first `open_len` slots (entries every query of the block sees: for a dual-cache chunk,
+    those stored before it) need no position check; the rest are checked against `glob_pos`.
+Programs write unnormalised partials (acc, max, sum; log2 units) that `merge` combines with
+log-sum-exp weights.
 
 The kernel reads the layer-stacked cache buffers in place ([L, B, K, S, E] plus a layer index),
 so no per-layer slice is copied before the call.
@@ -55,7 +59,8 @@ class Tiling:
 
 def decode_tiling(n_rows: int, n_heads: int, cap: int, block_k: int = 64) -> Tiling:
     """Tiles for a decode step: few query rows, and about 128 programs (n_heads = B * K times S
-    splits; H100 sweep at 32K-64K: 16 splits for 8 heads beat 8 and 32-128), each >= 2 blocks."""
+    splits), each >= 2 blocks. (An H100 sweep at 32K-64K put 16 splits for 8 heads ahead of 8 and
+    32-128, but it timed single calls, so dispatch dominated: to be re-swept.)"""
     block_m = max(16, 1 << (max(n_rows, 1) - 1).bit_length())
     splits = max(1, min(128 // max(n_heads, 1), cap // (2 * block_k)))
     return Tiling(block_m=block_m, block_k=block_k, splits=splits, num_warps=4, num_stages=3)
