@@ -470,11 +470,9 @@ def run(
         if "e2e" in parts and (e2e_contexts is None or n in e2e_contexts):
             log(f"{n}: end to end")
             e2e = end_to_end(params, cfg, n, setting, rate, steps, decode_params)
-            for name in ("full", "dual"):
-                kv = e2e["full_kv_bytes"] * (n + 1) / gen.cache_bucket(n + steps) if name == "full" else None
-                if name == "dual":
-                    kv = e2e["dual_stored_fraction"] * e2e["full_kv_bytes"] * n / gen.cache_bucket(n + steps)
-                    kv += e2e["full_kv_bytes"] * window / gen.cache_bucket(n + steps)
+            token_bytes = e2e["full_kv_bytes"] / gen.cache_bucket(n + steps)  # K/V of one position, all layers
+            read = {"full": (n + 1) * token_bytes, "dual": (e2e["dual_stored_fraction"] * n + window) * token_bytes}
+            for name, kv in read.items():
                 floor_ms = (weight_bytes + kv) / hbm_peak_gbps / 1e6
                 e2e[f"{name}_decode_floor_ms"] = floor_ms
                 e2e[f"{name}_decode_of_floor"] = floor_ms / e2e[f"{name}_decode_ms"]

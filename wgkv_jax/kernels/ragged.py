@@ -209,11 +209,10 @@ def _kernel(
         n_open = jnp.clip(qmin + 1 - glob_lo, 0, glen)
     else:
         n_open = jnp.minimum(open_ref[n], glen)
-    n_open_blocks = n_open // bk
-    if skip_open:  # the open part is attended elsewhere (cuDNN); n_open is a block multiple then
-        n_open_blocks = 0
+    if skip_open:  # the open part is attended elsewhere (cuDNN): the checked part starts right after it
         base = n_open
     else:
+        n_open_blocks = n_open // bk
         first, count = share(n_open_blocks)
 
         def open_body(i, carry):
