@@ -40,7 +40,10 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     attn_block: int = 512
-    """Query block of the memory-efficient soft-gated attention."""
+    """Query block of the memory-efficient soft-gated attention (the XLA path)."""
+    attention_impl: str = "auto"
+    """Soft-gated attention: auto (Pallas flash kernels on GPU, the blocked XLA path elsewhere),
+    reference (the blocked XLA path) or pallas."""
     dtype: str = "auto"
     """Backbone dtype: auto = float32 on CPU, bfloat16 on accelerators (gates always float32)."""
     seed: int = 0

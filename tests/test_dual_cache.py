@@ -57,7 +57,9 @@ def _run(params, cfg, cache, tokens_bt, pos_bt, attend):
     return lm_head(params, cfg, h_btd), cache
 
 
-def run_dual(params, cfg, tokens, admission, *, window, capacity, chunk, n_prefill, defer=False, cache=None):
+def run_dual(
+    params, cfg, tokens, admission, *, window, capacity, chunk, n_prefill, defer=False, cache=None, batched=False
+):
     """Logits [T, V] of one row: prefill of the first n_prefill tokens in chunks, then decode steps."""
     tokens = np.asarray(tokens, np.int32)
     pad = -n_prefill % chunk
@@ -69,8 +71,9 @@ def run_dual(params, cfg, tokens, admission, *, window, capacity, chunk, n_prefi
     for c in range(0, toks.shape[1], chunk):
         out, cache = _run(params, cfg, cache, toks[:, c : c + chunk], pos[:, c : c + chunk], DualAttend(admission))
         logits.append(out[0])
-    step = DualAttend(admission, defer_gating=defer)
+    step = DualAttend(admission, defer_gating=defer, batched_promotion=batched)
     for i in range(n_prefill, len(tokens)):
+        cache = step.before_decode(cache, np.array([i], np.int32))
         out, cache = _run(params, cfg, cache, tokens[None, i : i + 1], np.array([[i]], np.int32), step)
         logits.append(out[0])
     return jnp.concatenate(logits)[pad:], cache
@@ -215,6 +218,21 @@ def test_property_chunked_prefill_decode_match_reference(params, t, window, chun
         np.testing.assert_allclose(prefilled, want, atol=TOL, rtol=TOL)
     np.testing.assert_array_equal(np.asarray(c1.length[:, 0]), np.minimum(need, capacity))
     np.testing.assert_array_equal(np.asarray(c1.evicted[:, 0]), need - np.minimum(need, capacity))
+
+
+@pytest.mark.parametrize("defer, capacity", [(False, 64), (True, 5)])
+def test_batched_promotion_equals_per_layer(params, defer, capacity):
+    """Decode steps that promote every layer's leaving token up front (one set of ops per step)
+    leave the same cache and logits as per-layer promotion, also under deferred gating and eviction."""
+    tokens = rand_tokens(44, seed=11)
+    admission = FixedAdmission("random", rate=0.5, seed=4)
+    kw = dict(window=8, capacity=capacity, chunk=8, n_prefill=10, defer=defer)
+    want, c1 = run_dual(params, CFG, tokens, admission, **kw)
+    got, c2 = run_dual(params, CFG, tokens, admission, batched=True, **kw)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert capacity > 8 or int(c1.evicted.sum()) > 0  # the small store really evicted
 
 
 # ----------------------------------------------------------------------------- overflow

@@ -181,6 +181,15 @@ def test_dispatch_resolution_and_fallback_warning():
         assert dispatch.causal_impl("cudnn", jnp.float32, 64, "cpu") == "reference"
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         dispatch.check_impl("flash")
+    # soft-gated training attention
+    assert dispatch.soft_impl("auto", 64, "gpu") == "pallas"
+    assert dispatch.soft_impl("auto", 64, "cpu") == "reference"
+    assert dispatch.soft_impl("auto", 48, "gpu") == "reference"  # auto never warns
+    assert dispatch.soft_impl("pallas", 64, "cpu") == "interpret"
+    with pytest.warns(UserWarning, match="head_dim a power of two >= 16 \\(got 48\\)"):
+        assert dispatch.soft_impl("pallas", 48, "gpu") == "reference"
+    with pytest.warns(UserWarning, match="cuDNN has no soft-gated attention"):
+        assert dispatch.soft_impl("cudnn", 64, "gpu") == "reference"
 
 
 def test_dual_attend_falls_back_on_unsupported_capacity(params):

@@ -64,3 +64,8 @@ def test_distill_trains_resumes_and_exports(tmp_path):
 def test_distill_rejects_unknown_preset(tmp_path):
     done = distill(tmp_path / "x", "--config", "nope", cache=tmp_path)
     assert done.returncode != 0 and "unknown --config 'nope'" in done.stderr
+
+
+def test_distill_rejects_unknown_attention_impl(tmp_path):
+    done = distill(tmp_path / "x", "--config", "tiny_cpu", "--attention-impl", "magic", cache=tmp_path)
+    assert done.returncode != 0 and "attention_impl='magic'" in done.stderr

@@ -256,6 +256,50 @@ def _slot_dest(length_bk, g_score_bkc, ok_bkn, c_score_bkn):
     return dest_bkn, new_len, length_bk + n_ok_bk - new_len
 
 
+def _promote(cache: DualCache, leave_pos_bn, layer=None) -> tuple[DualCache, jax.Array]:
+    """Move the admitted tokens at positions leave_pos_bn [B, N] from the ring to the global store.
+
+    One layer (`layer`: an index) or every layer at once (`layer=None`). Returns the cache and the
+    number of admitted candidates per head ([B, K], or [L, B, K]).
+    """
+    n_layers, b, k, r = cache.ring_admit.shape
+    ll = jnp.arange(n_layers)[:, None, None, None] if layer is None else layer
+    sel = (lambda x: x) if layer is None else (lambda x: x[layer])
+    bb, kk = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
+    leave_at = (ll, bb, kk, jnp.mod(leave_pos_bn, r)[:, None, :])
+    ok_bkn = cache.ring_admit[leave_at] & (leave_pos_bn >= 0)[:, None, :]
+    cand_score, cand_k, cand_v = cache.ring_score[leave_at], cache.ring_k[leave_at], cache.ring_v[leave_at]
+    ring = (cache.ring_k, cache.ring_v, cache.ring_admit, cache.ring_score)
+    if layer is None:
+        # before the layers: the ring is read here and written by every layer afterwards. The
+        # barrier makes those writes wait for these reads, so XLA updates the ring in place
+        # instead of copying it (measured on GPU: two ring-sized copies per step without it).
+        (ok_bkn, cand_score, cand_k, cand_v), ring = jax.lax.optimization_barrier(
+            ((ok_bkn, cand_score, cand_k, cand_v), ring)
+        )
+    dest_bkn, new_len, over = _slot_dest(sel(cache.length), sel(cache.glob_score), ok_bkn, cand_score)
+    g_at = (ll, bb, kk, dest_bkn)
+    pos_bkn = jnp.broadcast_to(leave_pos_bn[:, None, :], ok_bkn.shape)
+    if layer is None:
+        length, evicted = new_len, cache.evicted + over
+    else:
+        length, evicted = cache.length.at[layer].set(new_len), cache.evicted.at[layer].add(over)
+    new = dataclasses.replace(
+        cache,
+        ring_k=ring[0],
+        ring_v=ring[1],
+        ring_admit=ring[2],
+        ring_score=ring[3],
+        glob_k=cache.glob_k.at[g_at].set(cand_k, mode="drop"),
+        glob_v=cache.glob_v.at[g_at].set(cand_v, mode="drop"),
+        glob_pos=cache.glob_pos.at[g_at].set(pos_bkn, mode="drop"),
+        glob_score=cache.glob_score.at[g_at].set(cand_score, mode="drop"),
+        length=length,
+        evicted=evicted,
+    )
+    return new, jnp.sum(ok_bkn, axis=-1, dtype=jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class DualAttend:
     """`Attend` hook running a chunk (T >= 1 tokens of contiguous positions per row) on a DualCache.
@@ -264,6 +308,11 @@ class DualAttend:
     are gated together once a row's newest position is W - 1 (mod W), before any of them can
     leave the window.
 
+    `batched_promotion` (decode only, T == 1): the layers skip step 2 below; the decode step calls
+    `before_decode` first, which promotes the leaving token of every layer at once (a handful of
+    small ops per step instead of per layer; the cache and the outputs are identical, since the
+    token leaving at step p, position p - W, was written and gated at least one step earlier).
+
     All writes are scatters into the stacked [L, ...] buffers and come before every read of
     them, so XLA updates them in place under donation.
     """
@@ -271,6 +320,14 @@ class DualAttend:
     admission: Admission
     defer_gating: bool = False
     impl: str = "reference"  # resolved by kernels.dispatch.ragged_impl: reference | pallas | interpret
+    batched_promotion: bool = False
+
+    def before_decode(self, cache: DualCache, pos_b) -> DualCache:
+        """Run by the decode step before the layers: with `batched_promotion`, promote the token
+        each row's step pushes out of the window (position pos_b - W) in every layer."""
+        if not self.batched_promotion:
+            return cache
+        return _promote(cache, pos_b[:, None] - cache.window)[0]
 
     def __call__(self, cache: DualCache, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
         b, t, k = q_btkgd.shape[:3]
@@ -306,34 +363,16 @@ class DualAttend:
                 )
 
         # 2. the T tokens leaving the window (positions c0 - W + n) move to the global store
-        #    if admitted: appended, or replacing lower scores when the store is full
-        leave_pos_bn = c0_b[:, None] - w + jnp.arange(t)[None, :]
-        leave_at = (layer, bb, kk, jnp.mod(leave_pos_bn, r)[:, None, :])
-        ok_bkn = ring_admit[leave_at] & (leave_pos_bn >= 0)[:, None, :]
-        cand_score = ring_score[leave_at]
+        #    if admitted: appended, or replacing lower scores when the store is full (decode
+        #    steps with `batched_promotion` did this for every layer in `before_decode`)
         length_bk = cache.length[layer]
-        dest_bkn, new_len, over = _slot_dest(length_bk, cache.glob_score[layer], ok_bkn, cand_score)
-        g_at = (layer, bb, kk, dest_bkn)
-        pos_bkn = jnp.broadcast_to(leave_pos_bn[:, None, :], ok_bkn.shape)
-        glob_k = cache.glob_k.at[g_at].set(ring_k[leave_at], mode="drop")
-        glob_v = cache.glob_v.at[g_at].set(ring_v[leave_at], mode="drop")
-        glob_pos = cache.glob_pos.at[g_at].set(pos_bkn, mode="drop")
-        glob_score = cache.glob_score.at[g_at].set(cand_score, mode="drop")
-
-        new = DualCache(
-            ring_k=ring_k,
-            ring_v=ring_v,
-            ring_kpre=ring_kpre,
-            ring_admit=ring_admit,
-            ring_score=ring_score,
-            glob_k=glob_k,
-            glob_v=glob_v,
-            glob_pos=glob_pos,
-            glob_score=glob_score,
-            length=cache.length.at[layer].set(new_len),
-            evicted=cache.evicted.at[layer].add(over),
-            window=w,
+        new = dataclasses.replace(
+            cache, ring_k=ring_k, ring_v=ring_v, ring_kpre=ring_kpre, ring_admit=ring_admit, ring_score=ring_score
         )
+        n_ok = 0
+        if not (t == 1 and self.batched_promotion):
+            new, n_ok = _promote(new, c0_b[:, None] - w + jnp.arange(t)[None, :], layer)
+        glob_k, glob_v, glob_pos, new_len = new.glob_k, new.glob_v, new.glob_pos, new.length[layer]
 
         # 3. attention: in-window keys (i - j < W) from the ring, older ones from the global
         #    store, which now holds every admitted token that left the window
@@ -345,7 +384,6 @@ class DualAttend:
         if impl != "reference":
             # the entries stored before this chunk are older than every query's window: no position
             # check for them, unless this chunk's overflow put new entries into their slots
-            n_ok = jnp.sum(ok_bkn, axis=-1, dtype=jnp.int32)
             open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
             out = ragged.attend_grouped(
                 q_btkgd, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, new_len, layer,

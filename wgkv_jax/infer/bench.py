@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -213,10 +214,25 @@ def attention_prefill(cfg, n_tokens, setting, rate, repeats, tilings=()) -> dict
     return out
 
 
-def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
+DECODE_TILINGS = tuple(  # decode tile candidates swept at the first context (B * K = 8 heads at batch 1)
+    ragged.Tiling(block_m=16, block_k=bk, splits=sp, num_warps=wp, num_stages=st)
+    for bk, sp, wp, st in (
+        (64, 8, 4, 3), (64, 16, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 16, 4, 3), (128, 32, 8, 3),
+        (128, 64, 4, 2), (32, 32, 4, 4), (32, 64, 4, 4),
+    )
+)  # fmt: skip
+
+
+def tiling_name(t: ragged.Tiling) -> str:
+    return f"m{t.block_m}_k{t.block_k}_s{t.splits}_w{t.num_warps}_st{t.num_stages}"
+
+
+def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=()) -> dict:
     """Decode attention (one new token per row) over each cache, per layer: the mean over a scan
     of all L layers of L-layer caches (so per-call dispatch is amortised and every layer reads its
-    own data). The XLA baseline reads its layer through a dynamic slice, as a scanned model does."""
+    own data). The XLA baseline reads its layer through a dynamic slice, as a scanned model does.
+    The dual cache is read as a decode step reads it (every stored entry is older than the
+    window); `dual_empty_ms` is the same call on an empty global store (the fixed cost)."""
     k_heads, g, e, w, n_layers = cfg.n_kv_heads, cfg.group_size, cfg.head_dim, setting.window, cfg.n_layers
     q = jax.random.normal(jax.random.PRNGKey(3), (batch, 1, k_heads, g, e), jnp.bfloat16)
     pos = jnp.full((batch, 1), n_tokens, jnp.int32)
@@ -226,14 +242,15 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
         mask = jnp.arange(cache.size)[None, None, :] <= pos[:, :, None]
         return grouped_attention(q, cache.k[layer], cache.v[layer], mask)
 
-    def full_pallas(q, cache, layer):
+    def full_pallas(q, cache, layer, tiling=None):
         args = (q, pos, None, None, cache.k, cache.v, None, length, layer)
-        return ragged.attend_grouped(*args, window=0, glob_lo=0, impl=_ragged())
+        return ragged.attend_grouped(*args, window=0, glob_lo=0, impl=_ragged(), tiling=tiling)
 
-    def dual_pallas(q, cache, layer):
+    def dual_pallas(q, cache, layer, tiling=None):
+        n = cache.length[layer]
         return ragged.attend_grouped(
-            q, pos, cache.ring_k, cache.ring_v, cache.glob_k, cache.glob_v, cache.glob_pos, cache.length[layer],
-            layer, window=w, glob_lo=w, impl=_ragged(),
+            q, pos, cache.ring_k, cache.ring_v, cache.glob_k, cache.glob_v, cache.glob_pos, n,
+            layer, window=w, glob_lo=w, impl=_ragged(), open_len_bk=n, tiling=tiling,
         )  # fmt: skip
 
     def per_layer(fn, cache):
@@ -253,13 +270,27 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1) -> dict:
     for name, fn in (("full_xla", full_xla), ("full_pallas", full_pallas)):
         out[f"{name}_ms"] = ms = per_layer(fn, full)
         out[f"{name}_gbps"] = full_bytes / ms / 1e6
+    if tilings:
+        out["full_pallas_tilings"] = {
+            tiling_name(t): per_layer(functools.partial(full_pallas, tiling=t), full) for t in tilings
+        }
+        out["full_pallas_best_ms"] = min(out["full_pallas_tilings"].values())
     del full
     dual = synthetic_dual(cfg, batch, n_tokens, setting, rate)
     dual_bytes = (int(jnp.sum(dual.length)) // n_layers + batch * k_heads * w) * per_token
     out["dual_pallas_ms"] = ms = per_layer(dual_pallas, dual)
     out["dual_pallas_gbps"] = dual_bytes / ms / 1e6
+    if tilings:
+        out["dual_pallas_tilings"] = {
+            tiling_name(t): per_layer(functools.partial(dual_pallas, tiling=t), dual) for t in tilings
+        }
+        out["dual_pallas_best_ms"] = min(out["dual_pallas_tilings"].values())
+    out["dual_empty_ms"] = per_layer(dual_pallas, dataclasses.replace(dual, length=jnp.zeros_like(dual.length)))
     out["full_bytes"], out["dual_bytes"] = full_bytes, dual_bytes
-    out["speedup_vs_best_full"] = min(out["full_xla_ms"], out["full_pallas_ms"]) / out["dual_pallas_ms"]
+    best_full = min(out["full_xla_ms"], out["full_pallas_ms"], out.get("full_pallas_best_ms", np.inf))
+    best_dual = min(out["dual_pallas_ms"], out.get("dual_pallas_best_ms", np.inf))
+    out["speedup_vs_best_full"] = best_full / best_dual
+    out["best_full_gbps"], out["best_dual_gbps"] = full_bytes / best_full / 1e6, dual_bytes / best_dual / 1e6
     return out
 
 
@@ -373,12 +404,28 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) 
     out["dual_cache_bytes"] = state.nbytes
     out["dual_stored_fraction"] = float(jnp.mean(state.length)) / n_tokens
     out["dual_evicted"] = int(jnp.sum(state.evicted))
-    out["dual_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, attend, steps)
+    decode = dataclasses.replace(attend, batched_promotion=True)
+    out["dual_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, decode, steps)
     del state
     out["prefill_speedup"] = out["full_prefill_s"] / out["dual_prefill_s"]
     out["decode_speedup"] = out["full_decode_ms"] / out["dual_decode_ms"]
     out["kv_memory_reduction"] = 1 - out["dual_kv_bytes"] / out["full_kv_bytes"]
     return out
+
+
+def _in_use() -> str:
+    stats = jax.devices()[0].memory_stats() or {}
+    return f"in use {stats.get('bytes_in_use', 0) / 2**30:.2f} GiB of {stats.get('bytes_limit', 0) / 2**30:.2f}"
+
+
+def _step_memory(params, cfg, cache, attend) -> dict:
+    """The compiled decode step's memory plan in GiB (arguments, temporaries, donated aliases)."""
+    b = cache.k.shape[1] if isinstance(cache, KVCache) else cache.glob_k.shape[1]
+    tok = jnp.zeros((b,), jnp.int32)
+    m = gen.decode_step.lower(params, cfg, cache, tok, tok, jax.random.PRNGKey(0), GREEDY, attend).compile()
+    m = m.memory_analysis()
+    names = ("argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
+    return {n.split("_size")[0] + "_gib": round(getattr(m, n, 0) / 2**30, 2) for n in names} if m else {}
 
 
 def batch_decode(params, cfg, n_tokens, setting, rate, steps, hbm_free: int) -> dict:
@@ -389,16 +436,26 @@ def batch_decode(params, cfg, n_tokens, setting, rate, steps, hbm_free: int) -> 
     cap = setting.resolve_capacity(n_tokens + steps)
     dual_row = per_row_full * (setting.window + setting.chunk + cap) * 1.02  # + positions, scores, bits
     out = {"full_row_bytes": full_row, "dual_row_bytes": int(dual_row)}
+    if hbm_free <= 0:
+        raise ValueError(
+            f"no free device memory reported ({hbm_free} bytes; the platform allocator reports no limit): "
+            "pass --batch-memory GiB"
+        )
     for name, row in (("full", full_row), ("dual", dual_row)):
         b = int(hbm_free // row)  # the estimate; lowered until the decode really runs
+        cache = None
         while b >= 1:
             try:
                 if name == "full":
                     cache, attend = synthetic_full(cfg, b, size), FullAttend("decode", _ragged())
                 else:
                     cache = synthetic_dual(cfg, b, n_tokens, setting, rate)
-                    attend = DualAttend(FixedAdmission("random", rate=rate, seed=0), impl=_ragged())
+                    adm = FixedAdmission("random", rate=rate, seed=0)
+                    attend = DualAttend(adm, impl=_ragged(), batched_promotion=True)
+                plan = _step_memory(params, cfg, cache, attend)
+                log(f"{name} cache at batch {b}: {plan}; {_in_use()}")
                 ms, cache = _step_ms(params, cfg, cache, n_tokens, attend, steps)
+                out[f"{name}_step_memory"] = plan
                 break
             except jax.errors.JaxRuntimeError as err:
                 if "RESOURCE_EXHAUSTED" not in str(err):
@@ -426,6 +483,7 @@ def machine() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "hbm_bytes": stats.get("bytes_limit"),
+        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default (BFC)"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -456,7 +514,8 @@ def run(
             tilings = TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
             row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats, tilings)
             log(f"{n}: attention-only decode")
-            row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats)
+            dec_tilings = DECODE_TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
+            row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats, tilings=dec_tilings)
             log(json.dumps(row))
             if on_update:
                 on_update(result)

@@ -164,6 +164,9 @@ def prefill_chunk(params: Params, cfg: ModelConfig, cache, tokens_bt, pos_bt, ke
 
 
 def _decode_step(params, cfg, cache, tok_b, pos_b, key, sampling, attend=decode_attend):
+    before = getattr(attend, "before_decode", None)  # e.g. the dual cache's batched promotion
+    if before is not None:
+        cache = before(cache, pos_b)
     with jax.named_scope("decode"):
         h_btd, cache = hidden_states(params, cfg, tok_b[:, None], pos_b[:, None], attend=attend, state=cache)
     return sample(lm_head(params, cfg, h_btd)[:, 0], key, sampling), cache
@@ -316,7 +319,7 @@ def generate_ids(
             tokens_bt[i, t_bucket - len(p) :] = p
         pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
         impl = dispatch.ragged_impl(attention_impl)
-        attend = DualAttend(admission, defer_gating=cache.defer_gating, impl=impl)
+        attend = DualAttend(admission, defer_gating=cache.defer_gating, impl=impl, batched_promotion=True)
         prefill_attend_ = DualAttend(admission, impl=impl)
         stop_on_evict = cache.overflow == "error"
         for c in range(0, t_bucket, chunk):

@@ -6,6 +6,8 @@ Two attention problems exist in the library:
     full-cache decode). "pallas" is `kernels.ragged` (Pallas-Triton on GPU, interpret mode on
     CPU); "cudnn" (GPU) sends the bulk of a prefill chunk's global keys (those every query sees)
     through cuDNN flash attention and the rest through the kernel; "reference" is dense jnp.
+  * soft-gated (gate training): "pallas" is `kernels.soft_flash` (flash forward + backward with
+    the gate bias), "reference" the query-blocked XLA path of `attention.soft_gate`.
   * causal: a fresh prompt over itself (full-cache prefill). "cudnn" is
     `jax.nn.dot_product_attention(implementation="cudnn")`, "pallas" the ragged kernel with
     causal block skipping, "reference" the blocked XLA path.
@@ -78,3 +80,21 @@ def causal_impl(impl: str, dtype, head_dim: int, backend: str | None = None) -> 
     if impl == "pallas":
         return ragged_impl("pallas", backend)
     return "reference"
+
+
+def soft_impl(impl: str, head_dim: int, backend: str | None = None) -> str:
+    """Resolve `impl` for soft-gated training attention: "reference" (blocked XLA), "pallas" or
+    "interpret" (the flash kernels compiled / on CPU)."""
+    backend = _backend(check_impl(impl) and backend)
+    shape_ok = head_dim >= 16 and not head_dim & (head_dim - 1)
+    if impl == "reference" or (impl == "auto" and (backend != "gpu" or not shape_ok)):
+        return "reference"
+    if impl == "cudnn":
+        return fallback("attention_impl='cudnn': cuDNN has no soft-gated attention (a per-key learned bias)")
+    if not shape_ok:
+        return fallback(f"soft-gated Pallas attention needs head_dim a power of two >= 16 (got {head_dim})")
+    if backend == "gpu":
+        return "pallas"
+    if backend == "cpu":
+        return "interpret"
+    return fallback(f"attention_impl={impl!r}: the Pallas kernels have no {backend} version yet")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from configs.train import TrainConfig
 from wgkv_jax import gates, sharding
 from wgkv_jax.api import load_model
+from wgkv_jax.kernels import dispatch
 from wgkv_jax.train.checkpoint import GateCheckpointer, export_gate_safetensors
 from wgkv_jax.train.data import BatchIterator, DataConfig, build_dataset
 from wgkv_jax.train.objective import SoftGateAttend
@@ -54,6 +55,7 @@ def validate(gate_params, params, model_cfg, attend, val_bt: np.ndarray, cfg: Tr
 
 def fit(cfg: TrainConfig, *, progress: bool = True) -> dict:
     """Train (or resume) gates as configured; returns the final summary dict."""
+    dispatch.check_impl(cfg.attention_impl)  # before anything slow
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     n_dev = jax.device_count()
@@ -73,7 +75,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> dict:
     batches = BatchIterator(train_bt, cfg.batch_size, cfg.seed)
 
     gate = gates.make(cfg.gate, mcfg, expand=cfg.expand)
-    attend = SoftGateAttend(gate, window=cfg.window, eps=cfg.eps, block=cfg.attn_block)
+    impl = dispatch.soft_impl(cfg.attention_impl, mcfg.head_dim)
+    attend = SoftGateAttend(gate, window=cfg.window, eps=cfg.eps, block=cfg.attn_block, impl=impl)
     optimizer = make_optimizer(cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_frac)
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.logical_sharding(("batch", "seq"), (cfg.batch_size, cfg.seq_len), mesh)

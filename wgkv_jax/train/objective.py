@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from wgkv_jax.attention.soft_gate import DEFAULT_EPS, soft_gated_attention, soft_gated_attention_reference
 from wgkv_jax.gates.modules import WriteGate
+from wgkv_jax.kernels.soft_flash import soft_flash_attention
 from wgkv_jax.model.config import ModelConfig
 from wgkv_jax.model.transformer import Params, hidden_states
 
@@ -51,7 +52,9 @@ class SoftGateAttend:
     """`Attend` hook for training: gate every token, bias attention beyond the window, keep g.
 
     The layer params must hold the gate's params under "gate"; `state` is the stacked gate
-    output g [L, B, K, T], filled in layer by layer.
+    output g [L, B, K, T], filled in layer by layer. `impl` is resolved by
+    `kernels.dispatch.soft_impl`: "reference" (the query-blocked XLA path), "pallas" /
+    "interpret" (the flash kernels of `kernels.soft_flash`, compiled / on CPU).
     """
 
     gate: WriteGate
@@ -59,6 +62,7 @@ class SoftGateAttend:
     eps: float = DEFAULT_EPS
     block: int = 512
     reference: bool = False  # dense oracle instead of the blocked path (tests)
+    impl: str = "reference"
 
     def __call__(self, state, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos_bt):
         with jax.named_scope("gate"):
@@ -67,6 +71,11 @@ class SoftGateAttend:
             out = soft_gated_attention_reference(
                 q_btkgd, k_btke, v_btke, g_bkt, pos_bt, window=self.window, eps=self.eps
             )
+        elif self.impl in ("pallas", "interpret"):
+            out = soft_flash_attention(
+                q_btkgd, k_btke, v_btke, g_bkt, pos_bt, window=self.window, eps=self.eps,
+                interpret=self.impl == "interpret",
+            )  # fmt: skip
         else:
             out = soft_gated_attention(
                 q_btkgd, k_btke, v_btke, g_bkt, pos_bt, window=self.window, eps=self.eps, block=self.block
