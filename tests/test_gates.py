@@ -79,8 +79,9 @@ def test_gate_errors():
 # ----------------------------------------------------------------------------- soft-gated attention
 
 
-@pytest.mark.parametrize("t,window,block", [(37, 5, 8), (16, 1, 16), (50, 64, 7), (33, 8, 512)])
-@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize(
+    "t, window, block, group", [(37, 5, 8, 3), (16, 1, 16, 1), (50, 64, 7, 1), (33, 8, 512, 3)]
+)  # ragged last block, W = 1, W > T, one block; MHA and GQA 3
 def test_blocked_soft_attention_matches_reference_with_grads(t, window, block, group):
     q, k, v, g, pos = qkv(t=t, g=group, seed=t)
     ref = functools.partial(soft_gated_attention_reference, window=window)

@@ -102,7 +102,7 @@ def params():
     return init_params(TINY_LLAMA, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("mode, impl", [("random", "interpret"), ("all", "interpret-xla")])
+@pytest.mark.parametrize("mode, impl", [("random", "interpret"), ("all", "interpret-xla"), ("random", "interpret-tpu")])
 def test_dual_cache_with_kernel_matches_dense_reference(params, mode, impl):
     """Chunked prefill + decode through the kernel == the dense A_i oracle (ring wrap included)."""
     cfg, window, chunk, cap = TINY_LLAMA, 16, 16, 48  # room for every admitted token (no eviction)
@@ -117,13 +117,11 @@ def test_dual_cache_with_kernel_matches_dense_reference(params, mode, impl):
             cache,
             tokens[None, c : c + chunk],
             np.arange(c, c + chunk)[None],
-            DualAttend(adm, impl="interpret"),
+            DualAttend(adm, impl=impl),
         )
         logits.append(out[0])
     for i in range(48, 60):
-        out, cache = _run(
-            params, cfg, cache, tokens[None, i : i + 1], np.array([[i]]), DualAttend(adm, impl="interpret")
-        )
+        out, cache = _run(params, cfg, cache, tokens[None, i : i + 1], np.array([[i]]), DualAttend(adm, impl=impl))
         logits.append(out[0])
     ref, _ = reference_logits(params, cfg, tokens[None], adm, window)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(logits)), np.asarray(ref[0]), atol=2e-5, rtol=2e-5)
@@ -169,12 +167,14 @@ def test_dispatch_resolution_and_fallback_warning():
     assert dispatch.causal_impl("auto", jnp.bfloat16, 128, "gpu") == "cudnn"
     assert dispatch.causal_impl("auto", jnp.float32, 128, "gpu") == "pallas"
     assert dispatch.causal_impl("auto", jnp.bfloat16, 128, "cpu") == "reference"
+    assert dispatch.ragged_impl("pallas", "tpu") == "pallas-tpu"
+    assert dispatch.ragged_impl("auto", "tpu") == "reference"  # not yet compiled on TPU hardware
     dispatch._warned.clear()
     with pytest.warns(UserWarning, match="Pallas kernels have no tpu version"):
-        assert dispatch.ragged_impl("pallas", "tpu") == "reference"
+        assert dispatch.soft_impl("pallas", 64, "tpu") == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason warns only once
-        assert dispatch.ragged_impl("pallas", "tpu") == "reference"
+        assert dispatch.soft_impl("pallas", 64, "tpu") == "reference"
     with pytest.warns(UserWarning, match="attention_impl='cudnn' needs a GPU"):
         assert dispatch.ragged_impl("cudnn", "cpu") == "reference"
     with pytest.warns(UserWarning, match="cuDNN attention needs a GPU"):

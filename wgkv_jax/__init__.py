@@ -7,8 +7,10 @@ Public API::
     out = wgkv_jax.generate(model, ["Hello"], max_new_tokens=32)                 # full KV cache
     out = wgkv_jax.generate(model, [long_text], cache=wgkv_jax.CacheConfig())  # WG-KV dual cache
     print(out.cache_stats.summary())
+    policy = wgkv_jax.policies.get("snapkv", keep_ratio=0.25)    # eviction scoring + exact budgets
 """
 
+from wgkv_jax import policies
 from wgkv_jax.api import DEFAULT_MODEL, NAMED_MODELS, Gate, Model, generate, load_gate, load_model
 from wgkv_jax.cache import CacheConfig, CapacityError, FixedAdmission, GateAdmission
 from wgkv_jax.infer.generate import CacheStats, ContextLengthError, GenerationResult
@@ -41,4 +43,5 @@ __all__ = [
     "load_gate",
     "load_model",
     "make_mesh",
+    "policies",
 ]

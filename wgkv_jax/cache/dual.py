@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from wgkv_jax.attention.reference import NEG_INF
 from wgkv_jax.cache.admission import Admission
-from wgkv_jax.kernels import dispatch, ragged
+from wgkv_jax.kernels import dispatch, ragged, ragged_tpu
 from wgkv_jax.model.config import ModelConfig
 
 
@@ -379,7 +379,10 @@ class DualAttend:
         impl = self.impl
         if impl != "reference":
             q_bkme = jnp.swapaxes(q_btkgd, 1, 2).reshape(b, k, -1, q_btkgd.shape[-1])
-            problem = ragged.unsupported(q_bkme, ring_k, glob_k, ragged.Tiling())
+            if impl.endswith("-tpu"):
+                problem = ragged_tpu.unsupported_tpu(q_bkme, ring_k, glob_k)
+            else:
+                problem = ragged.unsupported(q_bkme, ring_k, glob_k, ragged.Tiling())
             impl = dispatch.fallback(f"dual-cache Pallas attention: {problem}") if problem else impl
         if impl != "reference":
             # the entries stored before this chunk are older than every query's window: no position

@@ -14,11 +14,13 @@ Two attention problems exist in the library:
 
 "auto" picks the fast path of the backend (GPU: cudnn for ragged, cuDNN for causal when the
 dtype allows, else pallas) and the reference elsewhere. An explicit choice that cannot run is
-replaced by the reference with one warning naming the reason (TPU versions of the kernels are
-not built yet, so "pallas" on TPU falls back).
+replaced by the reference with one warning naming the reason. On TPU, "pallas" runs the Mosaic
+version of the ragged kernel (`kernels.ragged_tpu`), tested in TPU interpret mode and lowered for
+TPU on CPU but not yet compiled on TPU hardware, so "auto" keeps the reference there.
 
-Resolved names: "reference", "pallas" (compiled), "interpret" (Pallas on CPU), "cudnn", and
-"interpret-xla" (tests only: the cudnn split on CPU with XLA in cuDNN's place).
+Resolved names: "reference", "pallas" (compiled), "interpret" (Pallas on CPU), "cudnn",
+"pallas-tpu" (the Mosaic TPU kernel), and for tests "interpret-xla" (the cudnn split on CPU with
+XLA in cuDNN's place) and "interpret-tpu" (the TPU kernel in TPU interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def ragged_impl(impl: str, backend: str | None = None) -> str:
         return fallback(f"attention_impl='cudnn' needs a GPU (backend: {backend})")
     if backend == "cpu":
         return "interpret"
+    if backend == "tpu":  # explicit only: not yet compiled on TPU hardware (lowering checked on CPU)
+        return "pallas-tpu"
     return fallback(f"attention_impl={impl!r}: the Pallas kernels have no {backend} version yet")
 
 

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from wgkv_jax.kernels import ragged_tpu
+
 NEG = -1e30  # finite: a fully masked block leaves (max, sum) = (NEG, 0), never NaN
 LOG2E = 1.4426950408889634  # scores are kept in log2 units (exp2 is the native instruction)
 
@@ -397,10 +399,16 @@ def attend_grouped(
     position is pos_bt[:, -1]). impl: "reference"; "pallas" / "interpret" (the kernel compiled /
     on CPU); "cudnn" (GPU, chunks of T > 1: the open global slots through cuDNN flash attention
     with per-head key lengths, the ring and the rest through the kernel, merged by log-sum-exp);
-    "interpret-xla" (the same split on CPU, XLA in place of cuDNN; for tests). `tiling` overrides
+    "interpret-xla" (the same split on CPU, XLA in place of cuDNN; for tests); "pallas-tpu" /
+    "interpret-tpu" (the Mosaic TPU kernel of `ragged_tpu`, compiled / in TPU interpret mode). `tiling` overrides
     the kernel's default tiles (`decode_tiling` / `prefill_tiling`).
     """
     b, t, k, g, e = q_btkge.shape
+    if impl in ("pallas-tpu", "interpret-tpu"):
+        return ragged_tpu.attend_grouped_tpu(
+            q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer,
+            window=window, glob_lo=glob_lo, interpret=impl == "interpret-tpu",
+        )  # fmt: skip
     q_bkme = jnp.swapaxes(q_btkge, 1, 2).reshape(b, k, t * g, e)
     q_pos_bm = jnp.repeat(pos_bt, g, axis=1)
     end_b = pos_bt[:, -1] + 1
