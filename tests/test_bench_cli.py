@@ -36,3 +36,13 @@ def test_plot_only_redraws_png(tmp_path):
     assert cli.main(["--plot-only", str(copy)]) == 0
     png = copy.with_suffix(".png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_batch_part_needs_a_memory_budget_when_none_is_reported():
+    """The platform allocator reports no memory limit: the batch search must be given one."""
+    from configs.models import TINY_BENCH
+    from wgkv_jax.cache.dual import CacheConfig
+    from wgkv_jax.infer import bench
+
+    with pytest.raises(ValueError, match=r"no free device memory reported \(0 bytes.*--batch-memory"):
+        bench.batch_decode(None, TINY_BENCH, 1024, CacheConfig(window=256, chunk=256), 0.2, 4, hbm_free=0)
