@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wgkv_jax.attention.soft_gate import DEFAULT_EPS, soft_gated_attention, soft_gated_attention_reference
+from wgkv_jax.infer.bench import timing
 from wgkv_jax.kernels.ragged import Tiling
 from wgkv_jax.kernels.soft_flash import FlashTiling, default_tiling, soft_flash_attention
 
@@ -107,20 +106,6 @@ def inputs(t: int, heads: int, kv: int, e: int, dtype, seed: int = 0):
     return q, k, v, gate, pos, ct
 
 
-def timed(fn, args, warmup: int, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "first_call_s": first}
-
-
 def paths(window: int, interpret: bool, baseline_impl: str):
     """name -> (forward fn(q, k, v, g, pos), number of differentiated inputs)."""
 
@@ -159,10 +144,10 @@ def measure(name, f, n_diff, args, flops_fwd, opts, *, fwd=True, bwd=True) -> di
     row = {"path": name}
     try:
         if fwd:
-            fw = timed(jax.jit(f), args[:5], opts.warmup, opts.repeats)
+            fw = timing(jax.jit(f), *args[:5], warmup=opts.warmup, repeats=opts.repeats)
             row.update({"fwd_ms": fw["ms"], "fwd_tflops": flops_fwd / fw["ms"] / 1e9})
         if bwd:
-            fb = timed(fwd_bwd(f, n_diff), args, opts.warmup, opts.repeats)
+            fb = timing(fwd_bwd(f, n_diff), *args, warmup=opts.warmup, repeats=opts.repeats)
             row.update({"fwd_bwd_ms": fb["ms"], "fwd_bwd_ms_min": fb["ms_min"], "first_call_s": fb["first_call_s"]})
             row["fwd_bwd_tflops"] = 3.5 * flops_fwd / fb["ms"] / 1e9
     except Exception as exc:  # OOM, compile failures: record and go on

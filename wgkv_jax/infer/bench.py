@@ -69,8 +69,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def timed(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time in ms of fn(*args) (results blocked on)."""
+def timing(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:
+    """Wall times of fn(*args), results blocked on: the first call in s (compile included), then
+    the median and the minimum in ms of `repeats` calls after `warmup` more."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -78,7 +82,12 @@ def timed(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return {"ms": statistics.median(times), "ms_min": min(times), "first_call_s": first}
+
+
+def timed(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in ms of fn(*args) after `warmup` (at least one) untimed calls."""
+    return timing(fn, *args, repeats=repeats, warmup=max(warmup - 1, 0))["ms"]
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16):
