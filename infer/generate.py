@@ -3,6 +3,8 @@
 python -m infer.generate --prompt "The capital of France is" --max-new-tokens 8 --temperature 0
 python -m infer.generate --ckpt runs/gate --prompt-file long.txt --window 256 --capacity 2048
 python -m infer.generate --model /path/to/hf_dir --prompt-file long.txt --no-chat --full-cache
+python -m infer.generate --prompt-file long.txt --policy snapkv --keep-ratio 0.25            # WG-KV + SnapKV
+python -m infer.generate --prompt-file long.txt --ckpt all --policy kvzip --keep-ratio 0.3   # KVzip alone
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ class GenerateArgs:
     """When the global cache is full: drop the lowest-scored entry, or stop with an error."""
     defer_gating: bool = False
     """Gate the local ring once every W decode steps instead of every token."""
+    policy: str | None = None
+    """Eviction after the prompt (wgkv_jax.policies): snapkv, h2o, streaming_llm, kvzip, ...; it chooses
+    among the admitted tokens (admission: --ckpt; --ckpt all = the policy alone)."""
+    keep_ratio: float | None = None
+    """With --policy: the fraction of the prompt's KV entries kept (local window included)."""
+    budget_kind: Literal["auto", "per-head", "per-layer", "global"] = "auto"
+    """How the --keep-ratio budget is spread: the policy's default (auto), the same count per head,
+    per layer (AdaKV), or one count over all layers (KVzip's default)."""
 
 
 def _cache_config(wgkv_jax, args: GenerateArgs, *, window: int):
@@ -80,6 +90,27 @@ def _cache_config(wgkv_jax, args: GenerateArgs, *, window: int):
     )
 
 
+def _policy(args: GenerateArgs):
+    """The eviction policy of --policy / --keep-ratio / --budget-kind (ValueError on bad values)."""
+    from wgkv_jax import policies
+
+    if args.policy is None:
+        if args.keep_ratio is not None or args.budget_kind != "auto":
+            raise ValueError("--keep-ratio and --budget-kind go with --policy")
+        return None
+    if args.full_cache:
+        raise ValueError("--policy evicts from the dual cache; drop --full-cache")
+    if args.keep_ratio is None:
+        raise ValueError(f"--policy {args.policy} needs --keep-ratio (the fraction of the prompt's KV entries kept)")
+    policy = policies.get(args.policy, keep_ratio=args.keep_ratio)
+    kinds = {"per-head": policies.PerHead, "per-layer": policies.PerLayer, "global": policies.Global}
+    if args.budget_kind != "auto":
+        import dataclasses as dc
+
+        policy = dc.replace(policy, budget=kinds[args.budget_kind](policies.KeepRatio(args.keep_ratio)))
+    return policy
+
+
 def main(args: GenerateArgs) -> int:
     import wgkv_jax
 
@@ -90,12 +121,13 @@ def main(args: GenerateArgs) -> int:
         print(f"error: --prompt-file {args.prompt_file} does not exist", file=sys.stderr)
         return 2
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
-    if not args.full_cache:  # settings errors before the (slow) model load
-        try:
+    try:  # settings errors before the (slow) model load
+        policy = _policy(args)
+        if not args.full_cache:
             _cache_config(wgkv_jax, args, window=args.window or 256)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     mesh = wgkv_jax.make_mesh(model=args.model_parallel) if args.model_parallel > 1 else None
     try:
         dtype = None if args.dtype == "auto" else args.dtype
@@ -131,6 +163,7 @@ def main(args: GenerateArgs) -> int:
             system=args.system,
             stream=emit if args.stream else None,
             attention_impl=args.attention_impl,
+            policy=policy,
             **dual,
         )
     except (ValueError, wgkv_jax.CapacityError) as e:
@@ -146,7 +179,8 @@ def main(args: GenerateArgs) -> int:
         f"(first call includes compilation)",
         file=sys.stderr,
     )
-    print(f"[{'full' if args.full_cache else 'dual'} cache] {out.cache_stats.summary()}", file=sys.stderr)
+    kind = "full" if args.full_cache else "dual" if policy is None else f"dual + {policy.name} {args.keep_ratio}"
+    print(f"[{kind} cache] {out.cache_stats.summary()}", file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from wgkv_jax import gates, sharding
+from wgkv_jax import gates, policies, sharding
+from wgkv_jax.cache import evict
 from wgkv_jax.cache.admission import Admission, FixedAdmission, GateAdmission
 from wgkv_jax.cache.dual import CacheConfig
 from wgkv_jax.infer.generate import GenerationResult, generate_ids
@@ -200,6 +201,8 @@ def generate(
     gate=None,
     cache: CacheConfig | None = None,
     attention_impl: str = "auto",
+    policy=None,
+    keep_ratio: float | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts (texts or token-id lists) of any lengths.
 
@@ -211,6 +214,12 @@ def generate(
       chat: apply the chat template (default: when the tokenizer has one). Ignored for ids.
       stream: called as stream(row, text_piece) as tokens arrive (implies a host-side loop).
       attention_impl: "auto" | "reference" | "pallas" | "cudnn" (see `wgkv_jax.kernels.dispatch`).
+      policy: eviction after the prompt (dual cache): a name of `wgkv_jax.policies.available()`
+        (with `keep_ratio`), a policy object, or `policies.Chain([WriteGate(ckpt), SnapKV(...)])`
+        whose WriteGate sets the admission. The admission is still `gate` (default: the shipped
+        gate, i.e. WG-KV + the policy); gate="all" runs the policy alone over every token.
+      keep_ratio: with a policy name, the fraction of the prompt's KV entries kept (window included);
+        for "quest" (read-time page selection, no eviction) the fraction of the store's pages read.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -224,14 +233,28 @@ def generate(
     if stream is not None:
         on_token = _Detokenizer(model._require_tokenizer(), len(ids), eos, stream)
     dual = {}
-    if gate is not None or cache is not None:
+    policy, gate_stage = _resolve_policy(policy, keep_ratio)
+    if gate_stage is not None:
+        if gate is not None:
+            raise ValueError(f"give the admission once: gate={gate!r} or the Chain's {gate_stage!r}, not both")
+        gate = gate_stage.ckpt if gate_stage.ckpt is not None else None
+        cache = dataclasses.replace(cache or CacheConfig(), tau=gate_stage.tau)
+    if isinstance(policy, policies.Quest):
+        dual["read_policy"] = policy  # read-time page selection; nothing is evicted
+    elif policy is not None:
+        dual["policy"] = policy
+        if isinstance(policy, policies.KVzip):
+            tok_ = model._require_tokenizer()
+            enc = lambda text: tok_.encode(text, add_special_tokens=False)  # noqa: E731
+            dual["kvzip_prompt_ids"] = (enc(evict.KVZIP_FIRST), enc(evict.KVZIP_NEXT))
+    if gate is not None or cache is not None or policy is not None:
         g = load_gate(model, gate, tau=cache.tau if cache is not None else 0.1)
         if cache is None:
             cache = CacheConfig(window=g.window or CacheConfig.window)
         gate_params = g.params
         if gate_params is not None and model.mesh is not None:
             gate_params = jax.device_put(gate_params, sharding.replicated(model.mesh))
-        dual = {"cache": cache, "admission": g.admission, "gate_params": gate_params}
+        dual.update(cache=cache, admission=g.admission, gate_params=gate_params)
     new_ids, finished, stats = generate_ids(
         model.params,
         model.config,
@@ -257,6 +280,23 @@ def generate(
         cache_bytes=stats["cache_bytes"],
         cache_stats=stats["cache"],
     )
+
+
+def _resolve_policy(policy, keep_ratio):
+    """(eviction policy or None, WriteGate stage or None) from what `generate` was given."""
+    if isinstance(policy, str):
+        if keep_ratio is None:
+            raise ValueError(f"policy={policy!r} needs keep_ratio= (the fraction of the prompt's KV entries kept)")
+        extra = {"group": "max"} if policy == "quest" else {}  # one page set per KV head on the dual cache
+        return policies.get(policy, keep_ratio=keep_ratio, **extra), None
+    if keep_ratio is not None:
+        raise ValueError("keep_ratio= goes with a policy name; a policy object carries its own budget")
+    if isinstance(policy, policies.Chain) and policy.admission is not None:
+        rest = policy.stages[1:]
+        if len(rest) == 1:
+            return rest[0], policy.admission
+        return policies.Chain(rest), policy.admission
+    return policy, None
 
 
 class _Detokenizer:

@@ -313,6 +313,9 @@ class DualAttend:
     small ops per step instead of per layer; the cache and the outputs are identical, since the
     token leaving at step p, position p - W, was written and gated at least one step earlier).
 
+    `read_policy` (a `policies.Quest` with group="max"): each query reads only the store pages
+    Quest selects from their key bounds (reference attention path; the ring is always read whole).
+
     All writes are scatters into the stacked [L, ...] buffers and come before every read of
     them, so XLA updates them in place under donation.
     """
@@ -321,6 +324,7 @@ class DualAttend:
     defer_gating: bool = False
     impl: str = "reference"  # resolved by kernels.dispatch.ragged_impl: reference | pallas | interpret
     batched_promotion: bool = False
+    read_policy: object = None  # a policies.Quest(group="max"): each query reads its top pages of the store
 
     def before_decode(self, cache: DualCache, pos_b) -> DualCache:
         """Run by the decode step before the layers: with `batched_promotion`, promote the token
@@ -376,7 +380,7 @@ class DualAttend:
 
         # 3. attention: in-window keys (i - j < W) from the ring, older ones from the global
         #    store, which now holds every admitted token that left the window
-        impl = self.impl
+        impl = "reference" if self.read_policy is not None else self.impl
         if impl != "reference":
             q_bkme = jnp.swapaxes(q_btkgd, 1, 2).reshape(b, k, -1, q_btkgd.shape[-1])
             if impl.endswith("-tpu"):
@@ -400,6 +404,12 @@ class DualAttend:
         glob_mask = (jnp.arange(cap)[None, None, None, :] < new_len[..., None, None]) & (
             pos_bt[:, None, :, None] - glob_pos[layer][:, :, None, :] >= w
         )
+        if self.read_policy is not None:  # Quest: the pages whose key bounds promise the most
+            live_bkc = jnp.arange(cap)[None, None, :] < new_len[..., None]
+            read_btkc = self.read_policy.keep(
+                pos=glob_pos[layer], valid=live_bkc, k=glob_k[layer], q=q_btkgd, q_pos=pos_bt
+            )
+            glob_mask = glob_mask & jnp.swapaxes(read_btkc, 1, 2)
         out = parts_attention(
             q_btkgd,
             [

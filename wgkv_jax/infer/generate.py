@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wgkv_jax import sharding
+from wgkv_jax import policies, sharding
+from wgkv_jax.cache import evict
 from wgkv_jax.cache.admission import Admission
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
 from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
@@ -72,6 +73,7 @@ class CacheStats:
         (the local region counts whole, as in the reference profiler).
       admission_per_layer: admitted fraction of the tokens that left the window, per layer.
       evicted: admitted entries dropped because the global store was full.
+      policy_evicted: admitted entries an eviction policy removed after the prompt.
       capacity, window: the static sizes used (0 for a full cache).
       global_lengths: used global slots per [layer][row][KV head] (dual cache; empty for full).
     """
@@ -84,6 +86,7 @@ class CacheStats:
     kv_ratio: float
     admission_per_layer: list[float]
     evicted: int
+    policy_evicted: int = 0
     capacity: int = 0
     window: int = 0
     global_lengths: list = dataclasses.field(default_factory=list)
@@ -102,7 +105,10 @@ class CacheStats:
         )
         if self.kind == "dual":
             rates = " ".join(f"{100 * r:.0f}" for r in self.admission_per_layer)
-            text += f" | W={self.window} C={self.capacity}, evicted {self.evicted}\nadmitted % per layer: {rates}"
+            text += f" | W={self.window} C={self.capacity}, evicted {self.evicted}"
+            if self.policy_evicted:
+                text += f", evicted by the policy {self.policy_evicted:,}"
+            text += f"\nadmitted % per layer: {rates}"
         return text
 
 
@@ -243,6 +249,10 @@ def generate_ids(
     admission: Admission | None = None,
     gate_params=None,
     attention_impl: str = "auto",
+    policy=None,
+    kvzip_prompt_ids: tuple[Sequence[int], Sequence[int]] | None = None,
+    read_policy=None,
+    return_cache: bool = False,
 ) -> tuple[list[list[int]], list[bool], dict]:
     """Generate from token-id prompts. Returns (new ids per row incl. EOS, finished flags, stats).
 
@@ -252,6 +262,14 @@ def generate_ids(
     stacked per-layer params `gate_params` are placed beside the layer params).
     `attention_impl` ("auto", "reference", "pallas", "cudnn") picks the attention kernels
     (`kernels.dispatch`). stats["cache"] is a `CacheStats`.
+
+    `policy` (dual cache only; a `wgkv_jax.policies` eviction policy or Chain of them) evicts from
+    the global store after the prompt (`wgkv_jax.cache.evict`): the store is scored, cut to the
+    policy's budget and compacted into a smaller capacity before decoding. A KeepRatio budget is a
+    fraction of the prompt's KV entries (ring included). KVzip needs `kvzip_prompt_ids`, the
+    token ids of its two repeat prompts (`wgkv_jax.generate` makes them with the tokenizer).
+    `read_policy` (a `policies.Quest`, group="max"): decode queries read only their top pages of
+    the global store. `return_cache`: also return the final cache pytree as stats["cache_state"].
     """
     sampling = sampling or SamplingConfig()
     dispatch.check_impl(attention_impl)
@@ -261,6 +279,16 @@ def generate_ids(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if (cache is None) != (admission is None):
         raise ValueError("a dual cache needs both `cache` (CacheConfig) and `admission`; pass neither for a full cache")
+    if policy is not None and cache is None:
+        raise ValueError("an eviction policy runs on the dual cache; pass `cache` (CacheConfig) and `admission` too")
+    kvzip = _check_policy(policy, kvzip_prompt_ids)
+    if read_policy is not None:
+        if cache is None:
+            raise ValueError("read_policy (Quest) reads the dual cache's global store; pass `cache` and `admission`")
+        if not isinstance(read_policy, policies.Quest) or read_policy.group != "max":
+            raise ValueError(
+                f"read_policy must be policies.Quest(..., group='max') (one page set per KV head); got {read_policy!r}"
+            )
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     if longest >= cfg.max_seq_len:
@@ -308,8 +336,13 @@ def generate_ids(
             params = dict(params, layers=layers)
         t_bucket = prompt_bucket(longest)
         chunk = min(t_bucket, cache.chunk)
-        capacity = cache.resolve_capacity(length_bucket(longest + max_new_tokens))
         w = cache.window
+        if policy is not None:
+            policy = evict.store_policy(policy, longest, w)
+        if (policy is not None or read_policy is not None) and cache.capacity is None:
+            # the store holds every admitted token: until the policy has scored it, or for Quest to page through
+            cache = dataclasses.replace(cache, capacity_fraction=1.0)
+        capacity = cache.resolve_capacity(length_bucket(longest + max_new_tokens))
         state = put(
             lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, chunk=chunk, defer=cache.defer_gating),
             DualCache.logical_axes(w),
@@ -319,18 +352,36 @@ def generate_ids(
             tokens_bt[i, t_bucket - len(p) :] = p
         pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
         impl = dispatch.ragged_impl(attention_impl)
-        attend = DualAttend(admission, defer_gating=cache.defer_gating, impl=impl, batched_promotion=True)
+        attend = DualAttend(
+            admission, defer_gating=cache.defer_gating, impl=impl, batched_promotion=True, read_policy=read_policy
+        )
         prefill_attend_ = DualAttend(admission, impl=impl)
         stop_on_evict = cache.overflow == "error"
         for c in range(0, t_bucket, chunk):
+            chunk_attend, chunk_state = prefill_attend_, state
+            if policy is not None and not kvzip and c + chunk >= t_bucket:  # the last chunk scores the store
+                chunk_attend = evict.ScoreAttend(prefill_attend_, policy)
+                shape = state.glob_pos.shape
+                zeros = put(lambda shape=shape: jnp.zeros(shape, jnp.float32), SCORE_AXES)
+                chunk_state = (state, zeros)
             first_b, state = prefill_chunk(
-                params, cfg, state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
+                params, cfg, chunk_state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
                 put(pos_bt[:, c : c + chunk], ("batch", "seq")), jax.random.fold_in(key, 0), sampling,
-                prefill_attend_,
+                chunk_attend,
             )  # fmt: skip
+            if isinstance(state, tuple):
+                state, scores = state
             if stop_on_evict:
                 _raise_on_overflow(state, capacity, "prefill")
         shape_info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": capacity, "window": w}
+        if policy is not None:
+            if kvzip:
+                first, nxt = kvzip_prompt_ids
+                state, scores = evict.kvzip_pass(
+                    params, cfg, state, [list(p) for p in prompts], policy, first_ids=first, next_ids=nxt, put=put
+                )
+            state, dropped_l = evict.evict(state, scores, policy, room=max_new_tokens)
+            shape_info.update(policy=policy, policy_dropped=dropped_l, capacity=state.capacity)
     first_b.block_until_ready()
     t1 = time.perf_counter()
     if on_token is None:
@@ -371,10 +422,35 @@ def generate_ids(
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,
         "cache_bytes": state.nbytes,
-        "cache": cache_stats(state, cfg, seen_b),
+        "cache": cache_stats(state, cfg, seen_b, shape_info.get("policy_dropped")),
         **shape_info,
     }
+    if return_cache:
+        stats["cache_state"] = state
     return new_ids, finished, stats
+
+
+SCORE_AXES = ("layers", "batch", "kv_heads", "cache_seq")
+
+
+def _check_policy(policy, kvzip_prompt_ids) -> bool:
+    """Validate an eviction policy for generation; True when it is KVzip (a repeat pass)."""
+    if policy is None:
+        return False
+    if isinstance(policy, policies.Quest):
+        raise ValueError("Quest is read-time page selection, not eviction; it does not go in `policy`")
+    if not isinstance(policy, policies.Policy):
+        raise ValueError(f"policy must be a wgkv_jax.policies eviction policy or Chain; got {policy!r}")
+    stages = policy.policies if isinstance(policy, policies.Chain) else (policy,)
+    if isinstance(policy, policies.Chain) and policy.admission is not None:
+        raise ValueError("a Chain's WriteGate is admission: pass it through wgkv_jax.generate (or as `admission`)")
+    if any(isinstance(s, policies.KVzip) for s in stages):
+        if not isinstance(policy, policies.KVzip):
+            raise ValueError("KVzip scores with its own repeat pass; use it as the only eviction stage")
+        if kvzip_prompt_ids is None:
+            raise ValueError("KVzip needs kvzip_prompt_ids=(first, next): the token ids of its two repeat prompts")
+        return True
+    return False
 
 
 def _placer(mesh):
@@ -406,8 +482,9 @@ def _raise_on_overflow(state: DualCache, capacity: int, phase: str) -> None:
     )
 
 
-def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray) -> CacheStats:
-    """Accounting of a full or dual cache after `seen_b[b]` tokens of row b went through the model."""
+def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=None) -> CacheStats:
+    """Accounting of a full or dual cache after `seen_b[b]` tokens of row b went through the model
+    (`policy_dropped_l`: entries an eviction policy removed from the store, per layer)."""
     itemsize = state.ring_k.dtype.itemsize if isinstance(state, DualCache) else state.k.dtype.itemsize
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
     full_entries = int(seen_b.sum()) * cfg.n_layers * cfg.n_kv_heads
@@ -427,7 +504,8 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray) -> CacheStats:
     evicted_lbk = np.asarray(state.evicted)
     stored = np.minimum(seen_b, w)[None, :, None] + length_lbk
     left_b = np.maximum(seen_b - w, 0)  # tokens that went through the window
-    admitted_l = (length_lbk + evicted_lbk).sum(axis=(1, 2))
+    dropped_l = np.zeros(cfg.n_layers, np.int64) if policy_dropped_l is None else np.asarray(policy_dropped_l)
+    admitted_l = (length_lbk + evicted_lbk).sum(axis=(1, 2)) + dropped_l
     left_total = max(int(left_b.sum()) * cfg.n_kv_heads, 1)
     return CacheStats(
         kind="dual",
@@ -438,6 +516,7 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray) -> CacheStats:
         kv_ratio=float(np.mean((w + length_lbk) / seen_b[None, :, None])),
         admission_per_layer=[float(a) / left_total for a in admitted_l],
         evicted=int(evicted_lbk.sum()),
+        policy_evicted=int(dropped_l.sum()),
         capacity=state.capacity,
         window=w,
         global_lengths=length_lbk.tolist(),

@@ -256,6 +256,56 @@ class Quest(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class KVzip(Policy):
+    """Query-agnostic eviction by context reconstruction (Kim et al. 2025); see `scores.kvzip_scores`.
+
+    Its scores come from a repeat pass: the model re-reads the context ("Repeat the previous
+    context exactly." + the context, teacher-forced) with the cache read-only, in chunks of `chunk`
+    context tokens, the later chunks' prompts carrying the previous chunk's last `carry` tokens.
+    `wgkv_jax.cache.evict.kvzip_pass` runs it on the dual cache; `score` here is the per-chunk
+    formula over given queries and keys. The default budget kind is `Global` (KVzip's "pair"
+    level: one count over all layers and heads); pass budget=PerHead(...) for "pair-uniform".
+    """
+
+    name: ClassVar[str] = "kvzip"
+    default_kind: ClassVar[type] = Global
+    budget: Budget | None = None
+    chunk: int = 2048
+    carry: int = 8
+    sinks: int = 4
+
+    def __post_init__(self):
+        _check_int(self.name, "chunk", self.chunk, 1)
+        _check_int(self.name, "carry", self.carry, 0)
+        _check_int(self.name, "sinks", self.sinks, 0)
+        _set_budget(self, self.budget)
+
+    def reserved(self, slots):
+        return self.sinks, 0
+
+    def score(self, *, pos, valid, k=None, v=None, q=None, q_pos=None):
+        _need(self.name, k=k, q=q, q_pos=q_pos)
+        return S.kvzip_scores(q, q_pos, k, pos, valid, sinks=self.sinks)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteGate:
+    """The WG-KV write gate as the admission stage of a `Chain` (it decides at write time which
+    tokens enter the global store; the eviction stages then choose among the admitted ones).
+
+    ckpt: what `wgkv_jax.load_gate` takes (None: the model's shipped gate; a gate.safetensors file
+    or training directory; "all" / "none" / "random:<rate>"). tau: the admission threshold.
+    """
+
+    ckpt: str | None = None
+    tau: float = 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.tau, numbers.Real) or not 0.0 <= self.tau < 1.0:
+            raise ValueError(f"WriteGate: tau={self.tau!r} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Protect:
     """Protect the first `sinks` and the last `recent` positions (a `Chain` stage; no budget)."""
 
@@ -281,7 +331,10 @@ class Chain(Policy):
         flat = []
         for stage in self.stages:
             flat.extend(stage.stages if isinstance(stage, Chain) else [stage])
-        for stage in flat:
+        gates = [i for i, s in enumerate(flat) if isinstance(s, WriteGate)]
+        if gates and gates != [0]:
+            raise ValueError("Chain: a WriteGate (admission) may only be the first stage, and only one")
+        for stage in flat[len(gates) :]:
             if isinstance(stage, Quest) or not isinstance(stage, Protect | Policy):
                 raise ValueError(
                     f"Chain stage {stage!r} must be Protect(...) or an eviction policy "
@@ -300,6 +353,11 @@ class Chain(Policy):
     @property
     def policies(self) -> tuple:
         return tuple(s for s in self.stages if isinstance(s, Policy))
+
+    @property
+    def admission(self) -> WriteGate | None:
+        """The leading WriteGate stage, if any (admission at write time)."""
+        return self.stages[0] if isinstance(self.stages[0], WriteGate) else None
 
     @property
     def budget(self) -> Budget:
@@ -342,6 +400,7 @@ POLICIES: dict[str, type[Policy]] = {
     SnapKV.name: SnapKV,
     H2O.name: H2O,
     Quest.name: Quest,
+    KVzip.name: KVzip,
 }
 
 
@@ -355,8 +414,9 @@ def get(name: str, *, keep_ratio: float | None = None, tokens: int | None = None
 
     Args:
       name: one of `available()`.
-      keep_ratio: PerHead(KeepRatio(keep_ratio)), kept / total in (0, 1].
-      tokens: PerHead(Tokens(tokens)), entries kept per head.
+      keep_ratio: KeepRatio(keep_ratio), kept / total in (0, 1], under the policy's default budget
+        kind (PerHead; Global for KVzip).
+      tokens: Tokens(tokens), entries kept per head (on average for Global).
       budget: any budget kind (PerLayer, Global, Threshold, ...); at most one of the three.
       **options: the policy's fields (window, kernel, sinks, recent, page, ...).
 
@@ -373,6 +433,9 @@ def get(name: str, *, keep_ratio: float | None = None, tokens: int | None = None
         budget = KeepRatio(keep_ratio)
     elif tokens is not None:
         budget = Tokens(tokens)
+    kind = getattr(cls, "default_kind", PerHead)
+    if isinstance(budget, KeepRatio | Tokens) and kind is not PerHead:
+        budget = kind(budget)
     fields = {f.name for f in dataclasses.fields(cls)} - {"budget"}
     unknown = sorted(set(options) - fields)
     if unknown:

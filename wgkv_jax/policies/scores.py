@@ -34,6 +34,10 @@ What each computes (paper -> our reading where the paper leaves a detail open):
   positions score +inf (H2O keeps heavy hitters + a recent window; its default splits the budget
   in half). The paper's decode-time greedy update is this sum carried on: `acc + h2o_scores(new
   query, recent=0)`, since each query's softmax is independent of the others.
+- `kvzip_scores` (Kim et al. 2025, "KVzip: Query-Agnostic KV Cache Compression with Context
+  Reconstruction"): per key, the max over the repeat-pass queries and the G heads of the group of
+  the softmax probability over KVzip's reduced key set (the caller chooses that set: sinks, the
+  context chunk and the repeat input); the first `sinks` positions score +inf.
 - `quest_page_scores` (Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context
   LLM Inference"; code mit-han-lab/Quest): keys are cut into pages of `page` slots (default 16);
   per page the channel-wise min and max of its keys; page score for query head q is
@@ -168,6 +172,21 @@ def h2o_scores(q_btkge, q_pos_bt, k_bkne, pos_bkn, valid_bkn, *, recent: int = 0
     if recent > 0:
         acc_bkn = jnp.where(last_positions(pos_bkn, valid_bkn, recent), jnp.inf, acc_bkn)
     return jnp.where(valid_bkn, acc_bkn, -jnp.inf)
+
+
+def kvzip_scores(q_btkge, q_pos_bt, k_bkne, pos_bkn, valid_bkn, *, sinks: int = 4) -> jax.Array:
+    """KVzip: the largest attention any query head of the group gives a key, over the T queries.
+
+    The queries are a repeat pass's (the model re-reading the context), the keys KVzip's reduced
+    set: the softmax runs over exactly the keys given, so the caller passes the sinks, the context
+    chunk being reconstructed and the repeat input's own keys (reference/baselines.md 2.2). The
+    first `sinks` positions score +inf (kvpress's n_sink; the paper keeps its whole system
+    prompt); invalid slots -inf. float32 [B, K, N], in [0, 1] elsewhere.
+    """
+    p_bkgtn = attention_probs(q_btkge, q_pos_bt, k_bkne, pos_bkn, valid_bkn)
+    s_bkn = jnp.max(p_bkgtn, axis=(2, 3))
+    s_bkn = jnp.where(first_positions(pos_bkn, valid_bkn, sinks), jnp.inf, s_bkn)
+    return jnp.where(valid_bkn, s_bkn, -jnp.inf)
 
 
 def quest_landmarks(k_bkne, valid_bkn, *, page: int = 16):

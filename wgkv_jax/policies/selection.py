@@ -111,7 +111,9 @@ def select(scores: jax.Array, valid: jax.Array | None, protect: jax.Array | None
         return keep & valid
 
 
-def compact(k_bkne: jax.Array, v_bkne: jax.Array, pos_bkn: jax.Array, keep_bkn: jax.Array, c_out: int):
+def compact(
+    k_bkne: jax.Array, v_bkne: jax.Array, pos_bkn: jax.Array, keep_bkn: jax.Array, c_out: int, extras: tuple = ()
+):
     """Gather the kept entries, in order, into a static capacity of `c_out` slots.
 
     ::
@@ -128,10 +130,12 @@ def compact(k_bkne: jax.Array, v_bkne: jax.Array, pos_bkn: jax.Array, keep_bkn: 
       k_bkne, v_bkne: [..., N, E] keys and values (any leading axes, e.g. [B, K]).
       pos_bkn: int [..., N] absolute positions. keep_bkn: bool [..., N].
       c_out: static output capacity (may exceed N; the extra slots are empty).
+      extras: more per-slot arrays [..., N] (e.g. scores) gathered the same way.
 
     Returns:
       (k [..., c_out, E], v [..., c_out, E], pos [..., c_out] with -1 on empty slots, length [...]
-      int32 = min(kept, c_out)); empty slots hold zeros.
+      int32 = min(kept, c_out)); empty slots hold zeros. With `extras`, their gathered [..., c_out]
+      versions (zeros on empty slots) follow as a fifth element, a tuple.
     """
     if c_out < 1:
         raise ValueError(f"compact capacity c_out={c_out} must be >= 1")
@@ -145,10 +149,12 @@ def compact(k_bkne: jax.Array, v_bkne: jax.Array, pos_bkn: jax.Array, keep_bkn: 
         pos = jnp.where(kept, jnp.take_along_axis(pos_bkn.astype(jnp.int32), idx, axis=-1), -1)
         k = jnp.where(kept[..., None], jnp.take_along_axis(k_bkne, idx[..., None], axis=-2), 0)
         v = jnp.where(kept[..., None], jnp.take_along_axis(v_bkne, idx[..., None], axis=-2), 0)
+        more = tuple(jnp.where(kept, jnp.take_along_axis(x, idx, axis=-1), 0) for x in extras)
         if c_out > n:
             extra = c_out - n
             pad = [(0, 0)] * (k.ndim - 2) + [(0, extra), (0, 0)]
             k, v = jnp.pad(k, pad), jnp.pad(v, pad)
             pos = jnp.pad(pos, pad[:-1], constant_values=-1)
+            more = tuple(jnp.pad(x, pad[:-1]) for x in more)
         length = jnp.minimum(jnp.sum(keep_bkn, axis=-1, dtype=jnp.int32), c_out)
-        return k, v, pos, length
+        return (k, v, pos, length, more) if extras else (k, v, pos, length)
