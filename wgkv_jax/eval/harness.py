@@ -1,0 +1,319 @@
+"""The evaluation matrix: tasks x context lengths x cache methods x keep ratios, scored as RULER does.
+
+    cells = run_matrix(model, EvalConfig(tasks=("niah", "vt"), lengths=(2048,),
+                                         methods=("full", "wgkv", "snapkv"), keep_ratios=(0.25,)),
+                       out_dir="results/eval_smollm2")
+    write_reports(cells, out_dir)          # results.json, table.md, accuracy_vs_kv.png, admission.png
+
+A *cell* is one (task, length, method, keep ratio): `samples` prompts (seeds seed .. seed + n - 1)
+generated in one batch, each answer scored by the task's metric (`wgkv_jax.eval.scoring`), and the
+KV ratio MEASURED from the cache after generation (`CacheStats.kv_ratio`: (W + global entries) /
+tokens, averaged over layers, rows and KV heads; 1 for the full cache), never the nominal budget.
+
+Methods (`METHODS`; "<policy>" is any name of `wgkv_jax.policies.available()`):
+
+| method          | admission        | after the prompt                | keep ratio means               |
+|-----------------|------------------|---------------------------------|--------------------------------|
+| full            | (full cache)     | -                               | (none; one cell)               |
+| wgkv            | the write gate   | -                               | (none; the gate decides)       |
+| local           | none (ring only) | -                               | the window W = r * n           |
+| <policy>        | all              | the policy evicts               | kept / prompt entries          |
+| wgkv+<policy>   | the write gate   | the policy evicts the admitted  | kept / prompt entries          |
+| quest           | all              | decode reads the top r pages    | pages read (memory stays full) |
+
+Cells are appended to `cells.jsonl` in the output folder as they finish and skipped when the same
+settings are asked again, so an interrupted matrix resumes where it stopped. Everything is greedy
+and seeded: the same settings give the same cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wgkv_jax.eval.scoring import score as score_answer
+from wgkv_jax.eval.tasks import TASKS, make_task
+
+MAX_NEW = {"niah": 24, "multikey": 24, "multivalue": 48, "multiquery": 48, "vt": 32, "cwe": 64, "qa": 32}
+FIXED = ("full", "wgkv", "local", "quest")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate. `window`: W of the dual-cache methods (the gate's own window for wgkv when
+    None); eviction methods shrink it to half their budget when the budget is smaller."""
+
+    tasks: tuple[str, ...] = ("niah", "multikey", "vt", "qa")
+    lengths: tuple[int, ...] = (2048,)
+    methods: tuple[str, ...] = ("full", "wgkv", "local", "streaming_llm", "snapkv", "h2o", "kvzip")
+    keep_ratios: tuple[float, ...] = (0.1, 0.25, 0.5)
+    samples: int = 4
+    seed: int = 0
+    chat: bool = False
+    window: int | None = 64
+    ckpt: str | None = None
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        from wgkv_jax import policies
+
+        unknown = sorted(set(self.tasks) - (set(TASKS) - {"ppl"}))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(set(TASKS) - {'ppl'})}")
+        names = set(policies.available())
+        for m in self.methods:
+            base = m.split("+", 1)[1] if m.startswith("wgkv+") else m
+            if m not in FIXED and base not in names:
+                raise ValueError(
+                    f"unknown method {m!r}; choose from {list(FIXED)}, a policy {sorted(names)} or wgkv+<policy>"
+                )
+        if not self.keep_ratios or any(not 0 < r <= 1 for r in self.keep_ratios):
+            raise ValueError(f"keep_ratios {self.keep_ratios} must be in (0, 1]")
+        if self.samples < 1 or any(n < 128 for n in self.lengths):
+            raise ValueError(f"samples={self.samples} must be >= 1 and lengths {self.lengths} >= 128")
+
+    def cells(self) -> list[tuple[str, int, str, float | None]]:
+        out = []
+        for n in self.lengths:
+            for task in self.tasks:
+                for m in self.methods:
+                    ratios = [None] if m in ("full", "wgkv") else self.keep_ratios
+                    out.extend((task, n, m, r) for r in ratios)
+        return out
+
+
+def _key(model_name: str, cfg: EvalConfig, task: str, n: int, method: str, ratio) -> str:
+    fields = dict(
+        model=model_name, task=task, length=n, method=method, keep_ratio=ratio, samples=cfg.samples,
+        seed=cfg.seed, chat=cfg.chat, window=cfg.window, ckpt=cfg.ckpt,
+    )  # fmt: skip
+    return json.dumps(fields, sort_keys=True)
+
+
+def _block(x: int, block: int = 16) -> int:
+    return max(block, x // block * block)
+
+
+def _generate_kwargs(model, cfg: EvalConfig, method: str, ratio, n: int) -> dict:
+    """wgkv_jax.generate arguments of one method at keep ratio `ratio` for n-token prompts."""
+    import wgkv_jax
+    from wgkv_jax import policies
+
+    if method == "full":
+        return {}
+    w = cfg.window or 256
+    if method == "wgkv":
+        gate = wgkv_jax.load_gate(model, cfg.ckpt)
+        return {"gate": gate, "cache": wgkv_jax.CacheConfig(window=cfg.window or gate.window or 256)}
+    if method == "local":
+        return {"gate": "none", "cache": wgkv_jax.CacheConfig(window=_block(int(ratio * n)))}
+    w = min(w, _block(int(ratio * n) // 2))
+    if method == "quest":
+        return {"gate": "all", "cache": wgkv_jax.CacheConfig(window=w), "policy": "quest", "keep_ratio": ratio}
+    gate = "all"
+    name = method
+    if method.startswith("wgkv+"):
+        gate, name = cfg.ckpt, method.split("+", 1)[1]
+    del policies
+    return {"gate": gate, "cache": wgkv_jax.CacheConfig(window=w), "policy": name, "keep_ratio": ratio}
+
+
+def run_cell(model, cfg: EvalConfig, task: str, n: int, method: str, ratio) -> dict:
+    """Generate and score one cell; returns its record (see the module docstring)."""
+    import wgkv_jax
+
+    tasks = [make_task(task, model.tokenizer, n, seed=cfg.seed + i, chat=cfg.chat) for i in range(cfg.samples)]
+    kw = _generate_kwargs(model, cfg, method, ratio, n)
+    t0 = time.perf_counter()
+    out = wgkv_jax.generate(
+        model, [t.prompt for t in tasks], max_new_tokens=MAX_NEW[task], chat=cfg.chat, temperature=0.0,
+        attention_impl=cfg.attention_impl, **kw,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    scores = [score_answer(t, text) for t, text in zip(tasks, out.texts, strict=True)]
+    s = out.cache_stats
+    record = {
+        "task": task,
+        "length": n,
+        "method": method,
+        "keep_ratio": ratio,
+        "accuracy": float(np.mean(scores)),
+        "scores": scores,
+        "predictions": out.texts,
+        "answers": [list(t.answers) for t in tasks],
+        "kv_ratio": s.kv_ratio,
+        "stored_fraction": s.stored_fraction,
+        "kv_bytes": s.allocated_bytes,
+        "full_bytes": s.full_cache_bytes,
+        "policy_evicted": s.policy_evicted,
+        "window": s.window,
+        "capacity": s.capacity,
+        "seconds": seconds,
+    }
+    if method == "quest":
+        record["read_ratio"] = ratio  # Quest saves reads, not memory
+    if s.kind == "dual" and s.global_lengths:
+        lengths = np.asarray(s.global_lengths, np.float64)  # [L, B, K]
+        beyond = np.asarray(
+            [max(len(ids) + len(t) - 1 - s.window, 1) for ids, t in zip(out.prompt_tokens, out.tokens, strict=True)]
+        )
+        record["stored_per_layer_head"] = (lengths / beyond[None, :, None]).mean(axis=1).tolist()
+    return record
+
+
+def run_matrix(
+    model, cfg: EvalConfig, out_dir: str | Path, *, model_name: str = "", progress: bool = True
+) -> list[dict]:
+    """Every cell of `cfg`, resuming from `out_dir`/cells.jsonl; returns all the cells' records."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "cells.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["key"]] = rec
+    name = model_name or model.config.name
+    records = []
+    todo = cfg.cells()
+    bar = tqdm(todo, desc="evaluate", disable=not progress, unit="cell")
+    for task, n, method, ratio in bar:
+        key = _key(name, cfg, task, n, method, ratio)
+        bar.set_postfix_str(f"{task} {n} {method} {ratio if ratio is not None else ''}")
+        if key in done:
+            records.append(done[key])
+            continue
+        rec = {"key": key, "model": name, **run_cell(model, cfg, task, n, method, ratio)}
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _label(rec) -> str:
+    r = rec["keep_ratio"]
+    return rec["method"] if r is None else f"{rec['method']}@{r:g}"
+
+
+def summarize(records: Sequence[dict]) -> list[dict]:
+    """One row per (length, method, keep ratio): accuracy per task, the mean, the measured KV ratio."""
+    rows = {}
+    for rec in records:
+        k = (rec["length"], rec["method"], rec["keep_ratio"])
+        row = rows.setdefault(k, {"length": k[0], "method": k[1], "keep_ratio": k[2], "tasks": {}, "kv": []})
+        row["tasks"][rec["task"]] = rec["accuracy"]
+        row["kv"].append(rec["kv_ratio"])
+    out = []
+    for row in rows.values():
+        out.append(
+            {
+                "length": row["length"],
+                "method": row["method"],
+                "keep_ratio": row["keep_ratio"],
+                "accuracy": {t: a for t, a in sorted(row["tasks"].items())},
+                "mean_accuracy": float(np.mean(list(row["tasks"].values()))),
+                "kv_ratio": float(np.mean(row["kv"])),
+            }
+        )
+    return sorted(out, key=lambda r: (r["length"], r["method"], r["keep_ratio"] or 0))
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both lower KV ratio and higher accuracy, by KV ratio."""
+    front, best = [], -1.0
+    for kv, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((kv, acc))
+            best = acc
+    return front
+
+
+def markdown_table(summary: Sequence[dict]) -> str:
+    tasks = sorted({t for r in summary for t in r["accuracy"]})
+    lines = []
+    for n in sorted({r["length"] for r in summary}):
+        lines += [f"### {n} tokens", "", "| method | measured KV ratio | " + " | ".join(tasks) + " | mean |"]
+        lines.append("|---|---|" + "---|" * (len(tasks) + 1))
+        for r in (r for r in summary if r["length"] == n):
+            label = r["method"] if r["keep_ratio"] is None else f"{r['method']} @ {r['keep_ratio']:g}"
+            accs = " | ".join(f"{100 * r['accuracy'][t]:.0f}" if t in r["accuracy"] else "" for t in tasks)
+            lines.append(f"| {label} | {r['kv_ratio']:.3f} | {accs} | {100 * r['mean_accuracy']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(records: Sequence[dict], out_dir: str | Path, *, title: str = "") -> dict:
+    """results.json, table.md, accuracy_vs_kv.png and (when a gate ran) admission.png in out_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    summary = summarize(records)
+    (out_dir / "results.json").write_text(json.dumps({"summary": summary, "cells": list(records)}, indent=1))
+    (out_dir / "table.md").write_text((f"## {title}\n\n" if title else "") + markdown_table(summary))
+    lengths = sorted({r["length"] for r in summary})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], lengths, strict=True):
+        rows = [r for r in summary if r["length"] == n and r["method"] != "quest"]
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["kv_ratio"], r["mean_accuracy"]) for r in rows if r["method"] == method)
+            style = "o-" if method.startswith("wgkv") else "s--" if method in ("full", "local") else "^:"
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=method, ms=6)
+        base = [
+            (r["kv_ratio"], r["mean_accuracy"])
+            for r in rows
+            if r["method"] not in ("full",) and not r["method"].startswith("wgkv")
+        ]
+        front = pareto(base)
+        if front:
+            ax.step(
+                [p[0] for p in front],
+                [100 * p[1] for p in front],
+                "k-",
+                where="post",
+                alpha=0.3,
+                lw=4,
+                label="eviction-only Pareto front",
+            )
+        ax.set(
+            xlabel="measured KV ratio (kept / full)",
+            ylabel="mean accuracy (%)",
+            title=f"{title} {n} tokens".strip(),
+            xlim=(0, 1.05),
+            ylim=(-2, 102),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_kv.png", dpi=120)
+    plt.close(fig)
+    paths = {
+        "results": str(out_dir / "results.json"),
+        "table": str(out_dir / "table.md"),
+        "plot": str(out_dir / "accuracy_vs_kv.png"),
+    }
+    gate = [r for r in records if r["method"] == "wgkv" and "stored_per_layer_head" in r]
+    if gate:
+        heat = np.mean([np.asarray(r["stored_per_layer_head"]) for r in gate], axis=0)  # [L, K]
+        fig, ax = plt.subplots(figsize=(4 + heat.shape[1] * 0.4, 6))
+        im = ax.imshow(heat, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(heat.max()), 1e-3))
+        ax.set(xlabel="KV head", ylabel="layer", title="WG-KV: admitted fraction of the tokens past W")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out_dir / "admission.png", dpi=120)
+        plt.close(fig)
+        paths["admission"] = str(out_dir / "admission.png")
+    return paths
