@@ -40,7 +40,7 @@ class EvaluateArgs:
     chat: bool = False
     """Chat-template prompts (default: completion prompts ending in an answer cue)."""
     window: int | None = 64
-    """Local window W of the dual-cache methods (None: the gate's training window for wgkv)."""
+    """Local window W of the eviction-only methods (the WG-KV ones use the gate's training window)."""
     ckpt: str | None = None
     """The write gate of wgkv methods (default: the model's shipped gate)."""
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"

@@ -45,8 +45,8 @@ FIXED = ("full", "wgkv", "local", "quest")
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate. `window`: W of the dual-cache methods (the gate's own window for wgkv when
-    None); eviction methods shrink it to half their budget when the budget is smaller."""
+    """What to evaluate. `window`: W of the eviction-only methods (the WG-KV methods use the gate's
+    training window); a method with a budget shrinks W to half of it when the budget is smaller."""
 
     tasks: tuple[str, ...] = ("niah", "multikey", "vt", "qa")
     lengths: tuple[int, ...] = (2048,)
@@ -100,27 +100,27 @@ def _block(x: int, block: int = 16) -> int:
 
 
 def _generate_kwargs(model, cfg: EvalConfig, method: str, ratio, n: int) -> dict:
-    """wgkv_jax.generate arguments of one method at keep ratio `ratio` for n-token prompts."""
+    """wgkv_jax.generate arguments of one method at keep ratio `ratio` for n-token prompts.
+
+    W: the gate's training window for the WG-KV methods (cfg.window when it has none), cfg.window
+    for the eviction-only ones; a method with a budget r * n shrinks W to at most half of it."""
     import wgkv_jax
-    from wgkv_jax import policies
 
     if method == "full":
         return {}
-    w = cfg.window or 256
-    if method == "wgkv":
-        gate = wgkv_jax.load_gate(model, cfg.ckpt)
-        return {"gate": gate, "cache": wgkv_jax.CacheConfig(window=cfg.window or gate.window or 256)}
     if method == "local":
         return {"gate": "none", "cache": wgkv_jax.CacheConfig(window=_block(int(ratio * n)))}
-    w = min(w, _block(int(ratio * n) // 2))
-    if method == "quest":
-        return {"gate": "all", "cache": wgkv_jax.CacheConfig(window=w), "policy": "quest", "keep_ratio": ratio}
-    gate = "all"
-    name = method
-    if method.startswith("wgkv+"):
-        gate, name = cfg.ckpt, method.split("+", 1)[1]
-    del policies
-    return {"gate": gate, "cache": wgkv_jax.CacheConfig(window=w), "policy": name, "keep_ratio": ratio}
+    gate, name, w = "all", method, cfg.window or 256
+    if method.startswith("wgkv"):
+        gate = wgkv_jax.load_gate(model, cfg.ckpt)
+        w = gate.window or w
+        name = method.split("+", 1)[1] if "+" in method else None
+    if ratio is not None:
+        w = min(w, _block(int(ratio * n) // 2))
+    kw = {"gate": gate, "cache": wgkv_jax.CacheConfig(window=w)}
+    if name is not None:
+        kw.update(policy=name, keep_ratio=ratio)
+    return kw
 
 
 def run_cell(model, cfg: EvalConfig, task: str, n: int, method: str, ratio) -> dict:
