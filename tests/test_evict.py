@@ -242,9 +242,9 @@ def test_every_policy_generates_on_smollm2(smollm2, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(case.prompt)
     args = dict(prompt_file=prompt, chat=False, max_new_tokens=4, window=64, ckpt="all", stream=False)
-    assert main(GenerateArgs(**args, policy="h2o", keep_ratio=0.3, budget_kind="per-layer")) == 0
+    assert main(GenerateArgs(**args, policy="ahakv", keep_ratio=0.3, budget_kind="per-layer")) == 0
     err = capsys.readouterr().err
-    assert "[dual + h2o 0.3 cache]" in err and "evicted by the policy" in err
+    assert "[dual + ahakv 0.3 cache]" in err and "evicted by the policy" in err
     assert main(GenerateArgs(**args, policy="h2o")) == 2
     assert "needs --keep-ratio" in capsys.readouterr().err
     assert main(GenerateArgs(**args, keep_ratio=0.3)) == 2
@@ -304,3 +304,62 @@ def test_quest_decode_reads_only_the_top_pages(sharp):
             s = keys @ q[0, 0, head, j] / np.sqrt(e)
             want = np.exp(s - s.max()) @ vals / np.exp(s - s.max()).sum()
             np.testing.assert_allclose(np.asarray(out)[0, 0, head, j], want, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a context reused
+
+
+def _context(params, ids, policy=None, admission=ALL, capacity=None):
+    from wgkv_jax.infer.generate import PrefilledContext
+
+    cache = CacheConfig(window=W, chunk=32, capacity=capacity)
+    _, _, stats = generate_ids(
+        params, CFG, [ids], max_new_tokens=1, cache=cache, admission=admission, policy=policy, room=48,
+        return_cache=True, kvzip_prompt_ids=([3, 4], [5]),
+    )  # fmt: skip
+    return PrefilledContext(stats["cache_state"], len(ids), cache, admission)
+
+
+def test_prefilled_context_serves_several_prompts_unchanged(sharp):
+    ctx_ids, q1, q2 = rand_tokens(70, seed=21), rand_tokens(9, seed=22), rand_tokens(40, seed=23)
+    admission = FixedAdmission("random", 0.5, seed=3)
+    # without eviction, continuing the context == generating from context + prompt in one go
+    ctx = _context(sharp, ctx_ids, admission=admission, capacity=96)
+    saved = [np.asarray(x).copy() for x in jax.tree.leaves(ctx.state)]
+    for q in (q1, q2):  # q2 is longer than the ring's spare slots: prefilled in pieces
+        got, _, stats = generate_ids(sharp, CFG, [q], max_new_tokens=6, context=ctx)
+        cache = CacheConfig(window=W, chunk=32, capacity=96)
+        want, _, _ = generate_ids(sharp, CFG, [ctx_ids + q], max_new_tokens=6, cache=cache, admission=admission)
+        assert got == want
+        assert stats["cache"].full_entries == (70 + len(q) + 5) * CFG.n_layers * CFG.n_kv_heads
+    for a, b in zip(saved, jax.tree.leaves(ctx.state), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))  # the context is intact after use (K7)
+    # compressed by KVzip: a prompt after another == the same prompt on a freshly compressed context
+    policy = P.get("kvzip", keep_ratio=0.5, chunk=32)
+    ctx = _context(sharp, ctx_ids, policy)
+    assert ctx.state.capacity < 96
+    generate_ids(sharp, CFG, [q1], max_new_tokens=6, context=ctx)
+    after, _, _ = generate_ids(sharp, CFG, [q2], max_new_tokens=6, context=ctx)
+    fresh, _, _ = generate_ids(sharp, CFG, [q2], max_new_tokens=6, context=_context(sharp, ctx_ids, policy))
+    assert after == fresh
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        generate_ids(sharp, CFG, [q1, q2], max_new_tokens=2, context=ctx)
+
+
+@pytest.mark.slow
+def test_kvzip_context_compressed_once_answers_questions(smollm2):
+    from wgkv_jax.eval import make_task, score
+
+    task = make_task("multiquery", smollm2.tokenizer, 700, seed=4, num_queries=2)
+    ctx = wgkv_jax.prefill_context(
+        smollm2, task.prefill, gate="all", cache=CacheConfig(window=64), policy="kvzip", keep_ratio=0.5
+    )
+    assert ctx.stats.policy_evicted > 0 and ctx.stats.kv_ratio < 0.55
+    ask = task.question + task.answer_prefix
+    out = wgkv_jax.generate(smollm2, [ask, ask], context=ctx, max_new_tokens=24)
+    assert out.texts[0] == out.texts[1]  # the context is the same for both questions
+    full = wgkv_jax.generate(smollm2, [task.prompt], chat=False, max_new_tokens=24)
+    print("kvzip:", out.texts[0], "| full:", full.texts[0], "| answers:", task.answers)
+    assert score(task, out.texts[0]) >= score(task, full.texts[0]) - 0.5
+    with pytest.raises(ValueError, match="gate, cache and policy are fixed"):
+        wgkv_jax.generate(smollm2, [ask], context=ctx, gate="all")

@@ -159,11 +159,12 @@ def np_quest(q_btkge, q_pos_bt, k_bkne, pos_bkn, valid_bkn, page):
 
 
 def np_rank(score, valid, protect, safe=False):
-    """select's order: protected > safeguarded > valid by score > invalid; ties -> lower index."""
+    """select's order: protected (all equal) > safeguarded > valid by score > invalid; ties ->
+    lower index (so when more than k are protected, the k lowest slots are kept, as documented)."""
     s = -INF if np.isnan(score) else float(np.float32(score))
     if not valid:
         return (0, 0.0)
-    return (3 if protect else 2 if safe else 1, s)
+    return (3, 0.0) if protect else (2 if safe else 1, s)
 
 
 def np_top(entries, k):
@@ -552,7 +553,7 @@ def test_policies_are_hashable_and_jit_static():
 
 def test_registry_lists_and_builds():
     names = P.available()
-    assert names == sorted(names) and {"h2o", "kvzip", "quest", "snapkv", "streaming_llm"} <= set(names)
+    assert names == sorted(names) and {"ahakv", "h2o", "kvzip", "quest", "snapkv", "streaming_llm"} <= set(names)
     assert P.get("kvzip", keep_ratio=0.3).budget == P.Global(P.KeepRatio(0.3))  # KVzip's "pair" level
     assert P.get("kvzip", budget=P.PerHead(P.Tokens(5))).budget == P.PerHead(P.Tokens(5))
     pol = P.get("snapkv", keep_ratio=0.25)
@@ -565,7 +566,7 @@ def test_registry_lists_and_builds():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: P.get("snapkvv", keep_ratio=0.5), r"'snapkvv'.*\['h2o', .*'snapkv', 'streaming_llm'\]"),
+        (lambda: P.get("snapkvv", keep_ratio=0.5), r"'snapkvv'.*\['ahakv', 'h2o', .*'snapkv', 'streaming_llm'\]"),
         (lambda: P.get("snapkv", keep_ratio=0.0), "0.0"),
         (lambda: P.get("snapkv", keep_ratio=1.5), "1.5"),
         (lambda: P.get("h2o", tokens=0), "0"),

@@ -11,9 +11,9 @@ Public API::
 """
 
 from wgkv_jax import policies
-from wgkv_jax.api import DEFAULT_MODEL, NAMED_MODELS, Gate, Model, generate, load_gate, load_model
+from wgkv_jax.api import DEFAULT_MODEL, NAMED_MODELS, Gate, Model, generate, load_gate, load_model, prefill_context
 from wgkv_jax.cache import CacheConfig, CapacityError, FixedAdmission, GateAdmission
-from wgkv_jax.infer.generate import CacheStats, ContextLengthError, GenerationResult
+from wgkv_jax.infer.generate import CacheStats, ContextLengthError, GenerationResult, PrefilledContext
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.model.config import ModelConfig, RopeScaling
 from wgkv_jax.sharding import make_mesh
@@ -34,6 +34,7 @@ __all__ = [
     "GenerationResult",
     "Model",
     "ModelConfig",
+    "PrefilledContext",
     "RopeScaling",
     "SamplingConfig",
     "TextTokenizer",
@@ -44,4 +45,5 @@ __all__ = [
     "load_model",
     "make_mesh",
     "policies",
+    "prefill_context",
 ]

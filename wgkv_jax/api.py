@@ -16,7 +16,7 @@ from wgkv_jax import gates, policies, sharding
 from wgkv_jax.cache import evict
 from wgkv_jax.cache.admission import Admission, FixedAdmission, GateAdmission
 from wgkv_jax.cache.dual import CacheConfig
-from wgkv_jax.infer.generate import GenerationResult, generate_ids
+from wgkv_jax.infer.generate import GenerationResult, PrefilledContext, generate_ids
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.model.config import ModelConfig
 from wgkv_jax.model.transformer import Params, forward, param_logical_axes, unstack_tree
@@ -203,6 +203,7 @@ def generate(
     attention_impl: str = "auto",
     policy=None,
     keep_ratio: float | None = None,
+    context: PrefilledContext | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts (texts or token-id lists) of any lengths.
 
@@ -218,20 +219,88 @@ def generate(
         (with `keep_ratio`), a policy object, or `policies.Chain([WriteGate(ckpt), SnapKV(...)])`
         whose WriteGate sets the admission. The admission is still `gate` (default: the shipped
         gate, i.e. WG-KV + the policy); gate="all" runs the policy alone over every token.
+      context: a `prefill_context` result: each prompt continues that (compressed) context, one
+        prompt at a time on a copy of its cache, so the context serves any number of prompts.
       keep_ratio: with a policy name, the fraction of the prompt's KV entries kept (window included);
         for "quest" (read-time page selection, no eviction) the fraction of the store's pages read.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    if context is not None:
+        if gate is not None or cache is not None or policy is not None:
+            raise ValueError(
+                "generate(context=...) continues a prefilled context: its gate, cache and policy are fixed"
+            )
+        if chat:
+            raise ValueError(
+                "a prefilled context continues raw text: pass chat=False and put the template in the texts"
+            )
+        tok = model._require_tokenizer()
+        results = []
+        for p in prompts:
+            ids = tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(map(int, p))
+            kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
+            results.append(_generate_ids_api(model, [ids], max_new_tokens, attention_impl, kw, {"context": context}))
+        return GenerationResult(
+            texts=[t for r in results for t in r.texts],
+            tokens=[t for r in results for t in r.tokens],
+            prompt_tokens=[t for r in results for t in r.prompt_tokens],
+            finished=[f for r in results for f in r.finished],
+            prefill_s=sum(r.prefill_s for r in results),
+            decode_s=sum(r.decode_s for r in results),
+            cache_bytes=max(r.cache_bytes for r in results),
+            cache_stats=results[-1].cache_stats,
+        )
     if prompts and isinstance(prompts[0], str):
         ids = [model.encode_prompt(p, chat=chat, system=system) for p in prompts]
     else:
         ids = [list(map(int, p)) for p in prompts]
-    tok = model.tokenizer
-    eos = tok.eos_ids if tok is not None else ()
-    on_token = None
-    if stream is not None:
-        on_token = _Detokenizer(model._require_tokenizer(), len(ids), eos, stream)
+    dual = _dual_settings(model, gate, cache, policy, keep_ratio)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
+    return _generate_ids_api(model, ids, max_new_tokens, attention_impl, kw, dual)
+
+
+def prefill_context(
+    model: Model,
+    context: str | Sequence[int],
+    *,
+    gate=None,
+    cache: CacheConfig | None = None,
+    policy=None,
+    keep_ratio: float | None = None,
+    room: int = 512,
+    attention_impl: str = "auto",
+) -> PrefilledContext:
+    """Prefill `context` once (raw text, no chat template, or token ids) into a dual cache and let
+    `policy` compress it; `generate(model, questions, context=...)` then continues it for each
+    question on a copy, so one compressed context serves many queries (KVzip's use case).
+
+    `room`: store slots kept free for each continuation's admitted tokens (question + answer).
+    The admission, cache settings and policy are those of `generate`.
+    """
+    if isinstance(context, str):
+        ids = model._require_tokenizer().encode(context)
+    else:
+        ids = list(map(int, context))
+    dual = _dual_settings(model, gate, cache or CacheConfig(), policy, keep_ratio)
+    if dual.get("read_policy") is not None:
+        raise ValueError("Quest selects pages per query at read time; it cannot compress a context")
+    _, _, stats = generate_ids(
+        model.params, model.config, [ids], max_new_tokens=1, mesh=model.mesh, attention_impl=attention_impl,
+        room=room, return_cache=True, **dual,
+    )  # fmt: skip
+    return PrefilledContext(
+        state=stats["cache_state"],
+        length=len(ids),
+        cache=dual["cache"],
+        admission=dual["admission"],
+        gate_params=dual["gate_params"],
+        stats=stats["cache"],
+    )
+
+
+def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
+    """generate_ids keyword arguments of the dual cache (empty for the full cache)."""
     dual = {}
     policy, gate_stage = _resolve_policy(policy, keep_ratio)
     if gate_stage is not None:
@@ -255,13 +324,22 @@ def generate(
         if gate_params is not None and model.mesh is not None:
             gate_params = jax.device_put(gate_params, sharding.replicated(model.mesh))
         dual.update(cache=cache, admission=g.admission, gate_params=gate_params)
+    return dual
+
+
+def _generate_ids_api(model: Model, ids, max_new_tokens, attention_impl, kw, dual) -> GenerationResult:
+    tok = model.tokenizer
+    eos = tok.eos_ids if tok is not None else ()
+    on_token = None
+    if kw["stream"] is not None:
+        on_token = _Detokenizer(model._require_tokenizer(), len(ids), eos, kw["stream"])
     new_ids, finished, stats = generate_ids(
         model.params,
         model.config,
         ids,
         max_new_tokens=max_new_tokens,
-        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
-        seed=seed,
+        sampling=SamplingConfig(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"]),
+        seed=kw["seed"],
         eos_ids=eos,
         mesh=model.mesh,
         on_token=on_token,

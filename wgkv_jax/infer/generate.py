@@ -253,6 +253,8 @@ def generate_ids(
     kvzip_prompt_ids: tuple[Sequence[int], Sequence[int]] | None = None,
     read_policy=None,
     return_cache: bool = False,
+    room: int | None = None,
+    context: PrefilledContext | None = None,
 ) -> tuple[list[list[int]], list[bool], dict]:
     """Generate from token-id prompts. Returns (new ids per row incl. EOS, finished flags, stats).
 
@@ -270,6 +272,9 @@ def generate_ids(
     token ids of its two repeat prompts (`wgkv_jax.generate` makes them with the tokenizer).
     `read_policy` (a `policies.Quest`, group="max"): decode queries read only their top pages of
     the global store. `return_cache`: also return the final cache pytree as stats["cache_state"].
+    `room`: store slots kept free for later tokens after a policy's eviction (default
+    max_new_tokens). `context` (a `PrefilledContext`): the prompt (one row) continues that context
+    (positions after it), on a copy of its cache; the context itself is left unchanged.
     """
     sampling = sampling or SamplingConfig()
     dispatch.check_impl(attention_impl)
@@ -281,6 +286,10 @@ def generate_ids(
         raise ValueError("a dual cache needs both `cache` (CacheConfig) and `admission`; pass neither for a full cache")
     if policy is not None and cache is None:
         raise ValueError("an eviction policy runs on the dual cache; pass `cache` (CacheConfig) and `admission` too")
+    if context is not None:
+        if len(prompts) != 1 or policy is not None or cache is not None:
+            raise ValueError("a prefilled context takes one prompt at a time, and no new cache or policy")
+        cache, admission, gate_params = context.cache, context.admission, context.gate_params
     kvzip = _check_policy(policy, kvzip_prompt_ids)
     if read_policy is not None:
         if cache is None:
@@ -289,7 +298,8 @@ def generate_ids(
             raise ValueError(
                 f"read_policy must be policies.Quest(..., group='max') (one page set per KV head); got {read_policy!r}"
             )
-    lengths = [len(p) for p in prompts]
+    offset = context.length if context is not None else 0
+    lengths = [offset + len(p) for p in prompts]
     longest = max(lengths)
     if longest >= cfg.max_seq_len:
         raise ContextLengthError(
@@ -334,54 +344,21 @@ def generate_ids(
             else:
                 layers = dict(layers, gate=gate_params)
             params = dict(params, layers=layers)
-        t_bucket = prompt_bucket(longest)
-        chunk = min(t_bucket, cache.chunk)
-        w = cache.window
-        if policy is not None:
-            policy = evict.store_policy(policy, longest, w)
-        if (policy is not None or read_policy is not None) and cache.capacity is None:
-            # the store holds every admitted token: until the policy has scored it, or for Quest to page through
-            cache = dataclasses.replace(cache, capacity_fraction=1.0)
-        capacity = cache.resolve_capacity(length_bucket(longest + max_new_tokens))
-        state = put(
-            lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, chunk=chunk, defer=cache.defer_gating),
-            DualCache.logical_axes(w),
-        )
-        tokens_bt = np.zeros((batch, t_bucket), np.int32)
-        for i, p in enumerate(prompts):
-            tokens_bt[i, t_bucket - len(p) :] = p
-        pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
         impl = dispatch.ragged_impl(attention_impl)
         attend = DualAttend(
             admission, defer_gating=cache.defer_gating, impl=impl, batched_promotion=True, read_policy=read_policy
         )
         prefill_attend_ = DualAttend(admission, impl=impl)
         stop_on_evict = cache.overflow == "error"
-        for c in range(0, t_bucket, chunk):
-            chunk_attend, chunk_state = prefill_attend_, state
-            if policy is not None and not kvzip and c + chunk >= t_bucket:  # the last chunk scores the store
-                chunk_attend = evict.ScoreAttend(prefill_attend_, policy)
-                shape = state.glob_pos.shape
-                zeros = put(lambda shape=shape: jnp.zeros(shape, jnp.float32), SCORE_AXES)
-                chunk_state = (state, zeros)
-            first_b, state = prefill_chunk(
-                params, cfg, chunk_state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
-                put(pos_bt[:, c : c + chunk], ("batch", "seq")), jax.random.fold_in(key, 0), sampling,
-                chunk_attend,
+        if context is not None:
+            first_b, state, shape_info = _continue_context(
+                params, cfg, context, prompts[0], prefill_attend_, jax.random.fold_in(key, 0), sampling, put
+            )
+        else:
+            first_b, state, shape_info = _prefill_dual(
+                params, cfg, cache, prompts, policy, kvzip, kvzip_prompt_ids, read_policy, prefill_attend_, key,
+                sampling, put, dtype, max_new_tokens if room is None else room, max_new_tokens, stop_on_evict,
             )  # fmt: skip
-            if isinstance(state, tuple):
-                state, scores = state
-            if stop_on_evict:
-                _raise_on_overflow(state, capacity, "prefill")
-        shape_info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": capacity, "window": w}
-        if policy is not None:
-            if kvzip:
-                first, nxt = kvzip_prompt_ids
-                state, scores = evict.kvzip_pass(
-                    params, cfg, state, [list(p) for p in prompts], policy, first_ids=first, next_ids=nxt, put=put
-                )
-            state, dropped_l = evict.evict(state, scores, policy, room=max_new_tokens)
-            shape_info.update(policy=policy, policy_dropped=dropped_l, capacity=state.capacity)
     first_b.block_until_ready()
     t1 = time.perf_counter()
     if on_token is None:
@@ -428,6 +405,89 @@ def generate_ids(
     if return_cache:
         stats["cache_state"] = state
     return new_ids, finished, stats
+
+
+def _prefill_dual(
+    params, cfg, cache, prompts, policy, kvzip, kvzip_prompt_ids, read_policy, prefill_attend_, key, sampling, put,
+    dtype, room, max_new_tokens, stop_on_evict,
+):  # fmt: skip
+    """Chunked prefill of left-padded prompts into a fresh dual cache, then the policy's eviction."""
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    lengths_b = np.asarray([len(p) for p in prompts], np.int32)
+    t_bucket = prompt_bucket(longest)
+    chunk = min(t_bucket, cache.chunk)
+    w = cache.window
+    if policy is not None:
+        policy = evict.store_policy(policy, longest, w)
+    if (policy is not None or read_policy is not None) and cache.capacity is None:
+        # the store holds every admitted token: until the policy has scored it, or for Quest to page through
+        cache = dataclasses.replace(cache, capacity_fraction=1.0)
+    capacity = cache.resolve_capacity(length_bucket(longest + max(max_new_tokens, room)))
+    state = put(
+        lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, chunk=chunk, defer=cache.defer_gating),
+        DualCache.logical_axes(w),
+    )
+    tokens_bt = np.zeros((batch, t_bucket), np.int32)
+    for i, p in enumerate(prompts):
+        tokens_bt[i, t_bucket - len(p) :] = p
+    pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
+    for c in range(0, t_bucket, chunk):
+        chunk_attend, chunk_state = prefill_attend_, state
+        if policy is not None and not kvzip and c + chunk >= t_bucket:  # the last chunk scores the store
+            chunk_attend = evict.ScoreAttend(prefill_attend_, policy)
+            shape = state.glob_pos.shape
+            zeros = put(lambda shape=shape: jnp.zeros(shape, jnp.float32), SCORE_AXES)
+            chunk_state = (state, zeros)
+        first_b, state = prefill_chunk(
+            params, cfg, chunk_state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
+            put(pos_bt[:, c : c + chunk], ("batch", "seq")), jax.random.fold_in(key, 0), sampling,
+            chunk_attend,
+        )  # fmt: skip
+        if isinstance(state, tuple):
+            state, scores = state
+        if stop_on_evict:
+            _raise_on_overflow(state, capacity, "prefill")
+    shape_info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": capacity, "window": w}
+    if policy is not None:
+        if kvzip:
+            first, nxt = kvzip_prompt_ids
+            state, scores = evict.kvzip_pass(
+                params, cfg, state, [list(p) for p in prompts], policy, first_ids=first, next_ids=nxt, put=put
+            )
+        state, dropped_l = evict.evict(state, scores, policy, room=room)
+        shape_info.update(policy=policy, policy_dropped=dropped_l, capacity=state.capacity)
+    return first_b, state, shape_info
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefilledContext:
+    """A context prefilled (and compressed by a policy) once, to be continued by several prompts
+    (KVzip's query-agnostic use): `wgkv_jax.prefill_context` makes one, `generate(context=...)`
+    continues it on a copy. length: the context's tokens (row 0 of `state`)."""
+
+    state: DualCache
+    length: int
+    cache: CacheConfig
+    admission: Admission
+    gate_params: object = None
+    stats: CacheStats | None = None
+
+
+def _continue_context(params, cfg, context: PrefilledContext, ids, prefill_attend_, key, sampling, put):
+    """Prefill `ids` after the context, in unpadded pieces that fit the ring's spare slots."""
+    state = jax.tree.map(jnp.copy, context.state)  # the caller's context stays intact (donation below)
+    spare = state.ring_size - state.window
+    n0 = context.length
+    for c in range(0, len(ids), spare):
+        piece = np.asarray([ids[c : c + spare]], np.int32)
+        pos = (n0 + c + np.arange(piece.shape[1], dtype=np.int32))[None]
+        first_b, state = prefill_chunk(
+            params, cfg, state, put(piece, ("batch", "seq")), put(pos, ("batch", "seq")), key, sampling,
+            prefill_attend_,
+        )  # fmt: skip
+    info = {"context_tokens": n0, "capacity": state.capacity, "window": state.window}
+    return first_b, state, info
 
 
 SCORE_AXES = ("layers", "batch", "kv_heads", "cache_seq")

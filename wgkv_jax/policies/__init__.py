@@ -26,6 +26,7 @@ Axis letters: l layer, b batch, k KV head, g query head within a group, t query 
 n/s key slot, c compacted slot, p page, e head dim.
 """
 
+from wgkv_jax.policies.ahakv import AhaKV, RecentAccumulator, ahakv_scores
 from wgkv_jax.policies.budgets import Budget, Global, KeepRatio, PerHead, PerLayer, Threshold, Tokens
 from wgkv_jax.policies.policies import (
     H2O,
@@ -53,9 +54,12 @@ from wgkv_jax.policies.scores import (
 )
 from wgkv_jax.policies.selection import compact, select
 
+POLICIES[AhaKV.name] = AhaKV
+
 __all__ = [
     "H2O",
     "POLICIES",
+    "AhaKV",
     "Budget",
     "Chain",
     "Global",
@@ -66,11 +70,13 @@ __all__ = [
     "Policy",
     "Protect",
     "Quest",
+    "RecentAccumulator",
     "SnapKV",
     "StreamingLLM",
     "Threshold",
     "Tokens",
     "WriteGate",
+    "ahakv_scores",
     "attention_probs",
     "available",
     "compact",

@@ -61,6 +61,7 @@ def _need(owner: str, **arrays) -> None:
 
 _ARG_DOCS = {
     "k": "keys [B, K, N, E]",
+    "v": "values [B, K, N, E]",
     "q": "queries [B, T, K, G, E]",
     "q_pos": "query positions [B, T], negative on padding",
 }
