@@ -27,6 +27,7 @@ SETTINGS = {
     "streaming_llm": ("streaming_llm", {}),
     "snapkv": ("snapkv", {}),
     "h2o": ("h2o", {}),
+    "ahakv": ("ahakv", {}),
     "kvzip": ("kvzip", {}),  # Global budget (KVzip's "pair" level)
     "kvzip_per_head": ("kvzip", {"budget_kind": "per-head"}),
 }
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         ap.error(f"unknown --policies {unknown}; choose from {list(SETTINGS)}")
+    if "none" not in names:
+        names.insert(0, "none")  # the baseline every overhead is measured against
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):
         if tok is None:
