@@ -217,11 +217,11 @@ def test_every_policy_generates_on_smollm2(smollm2, tmp_path, capsys):
     from infer.generate import GenerateArgs, main
     from wgkv_jax.eval import make_needle_case
 
-    case = make_needle_case(smollm2.tokenizer, 700, depth=0.3, seed=2)
+    case = make_needle_case(smollm2.tokenizer, 500, depth=0.3, seed=2)
     cache = CacheConfig(window=64, chunk=256)
-    for name in ("snapkv", "h2o", "streaming_llm", "kvzip", "quest"):
+    for name in ("snapkv", "h2o", "streaming_llm", "quest"):  # kvzip and ahakv: the tests below and the CLI
         out = wgkv_jax.generate(
-            smollm2, [case.prompt], max_new_tokens=6, chat=False, gate="all", cache=cache, policy=name, keep_ratio=0.25
+            smollm2, [case.prompt], max_new_tokens=4, chat=False, gate="all", cache=cache, policy=name, keep_ratio=0.25
         )
         s = out.cache_stats
         assert out.tokens[0], name
@@ -350,7 +350,7 @@ def test_prefilled_context_serves_several_prompts_unchanged(sharp):
 def test_kvzip_context_compressed_once_answers_questions(smollm2):
     from wgkv_jax.eval import make_task, score
 
-    task = make_task("multiquery", smollm2.tokenizer, 700, seed=4, num_queries=2)
+    task = make_task("multiquery", smollm2.tokenizer, 600, seed=4, num_queries=2)
     ctx = wgkv_jax.prefill_context(
         smollm2, task.prefill, gate="all", cache=CacheConfig(window=64), policy="kvzip", keep_ratio=0.5
     )

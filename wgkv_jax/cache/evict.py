@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from wgkv_jax import policies as P
+from wgkv_jax.attention.reference import NEG_INF
 from wgkv_jax.cache.dual import DualAttend, DualCache
 from wgkv_jax.policies.budgets import KeepRatio, Threshold, Tokens
-from wgkv_jax.policies.scores import attention_probs, kvzip_scores
+from wgkv_jax.policies.scores import visible
 
 KVZIP_FIRST = "\n\nRepeat the previous context exactly."
 KVZIP_NEXT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -106,13 +107,22 @@ class KVzipAttend:
         pos_bkt = jnp.broadcast_to(pos_bt[:, None], (b, kh, t))
         me = (jnp.swapaxes(k_btke, 1, 2), jnp.swapaxes(v_btke, 1, 2), pos_bkt, mine_bkt)
         k, v, pos, valid = _cat(store_entries(cache, layer), ring_entries(cache, layer, end_b), me)
-        p_bkgtn = attention_probs(q_btkgd, pos_bt, k, pos, valid)
-        out = jnp.einsum("bkgtn,bkne->btkge", p_bkgtn, v.astype(jnp.float32))
+        # one set of logits, two softmaxes: the output over every key, the score over the reduced set
+        e = q_btkgd.shape[-1]
+        s_bkgtn = jnp.einsum(
+            "btkge,bkne->bkgtn", q_btkgd, k.astype(q_btkgd.dtype), preferred_element_type=jnp.float32
+        ) * (e**-0.5)
         span = lambda x: x[:, None, None]  # noqa: E731
         reduced = valid & ((pos < self.sinks) | ((pos >= span(lo_b)) & (pos < span(hi_b))))
         reduced = reduced.at[..., -t:].set(mine_bkt)
+
+        def probs(keys_bkn):
+            sees = visible(pos_bt, pos, keys_bkn)[:, :, None]
+            return jnp.where(sees, jax.nn.softmax(jnp.where(sees, s_bkgtn, NEG_INF), axis=-1), 0.0)
+
+        out = jnp.einsum("bkgtn,bkne->btkge", probs(valid).astype(v.dtype), v, preferred_element_type=jnp.float32)
         cap = cache.capacity
-        s_bkc = kvzip_scores(q_btkgd, pos_bt, k, pos, reduced, sinks=0)[..., :cap]
+        s_bkc = jnp.max(probs(reduced)[..., :cap], axis=(2, 3))
         glob_pos = cache.glob_pos[layer]
         chunk_bkc = reduced[..., :cap] & (glob_pos >= span(lo_b))
         s_bkc = jnp.where(chunk_bkc, jnp.maximum(score_lbkc[layer], s_bkc), score_lbkc[layer])
