@@ -218,8 +218,8 @@ def test_every_policy_generates_on_smollm2(smollm2, tmp_path, capsys):
     from wgkv_jax.eval import make_needle_case
 
     case = make_needle_case(smollm2.tokenizer, 500, depth=0.3, seed=2)
-    cache = CacheConfig(window=64, chunk=256)
-    for name in ("snapkv", "h2o", "streaming_llm", "quest"):  # kvzip and ahakv: the tests below and the CLI
+    cache = CacheConfig(window=64, chunk=512)  # one prefill chunk: one compile per call
+    for name in ("snapkv", "quest"):  # the others: the tiny-model tests above, the CLI and the KVzip test below
         out = wgkv_jax.generate(
             smollm2, [case.prompt], max_new_tokens=4, chat=False, gate="all", cache=cache, policy=name, keep_ratio=0.25
         )
@@ -321,7 +321,7 @@ def _context(params, ids, policy=None, admission=ALL, capacity=None):
 
 
 def test_prefilled_context_serves_several_prompts_unchanged(sharp):
-    ctx_ids, q1, q2 = rand_tokens(70, seed=21), rand_tokens(9, seed=22), rand_tokens(40, seed=23)
+    ctx_ids, q1, q2 = rand_tokens(56, seed=21), rand_tokens(9, seed=22), rand_tokens(36, seed=23)
     admission = FixedAdmission("random", 0.5, seed=3)
     # without eviction, continuing the context == generating from context + prompt in one go
     ctx = _context(sharp, ctx_ids, admission=admission, capacity=96)
@@ -331,7 +331,7 @@ def test_prefilled_context_serves_several_prompts_unchanged(sharp):
         cache = CacheConfig(window=W, chunk=32, capacity=96)
         want, _, _ = generate_ids(sharp, CFG, [ctx_ids + q], max_new_tokens=6, cache=cache, admission=admission)
         assert got == want
-        assert stats["cache"].full_entries == (70 + len(q) + 5) * CFG.n_layers * CFG.n_kv_heads
+        assert stats["cache"].full_entries == (len(ctx_ids) + len(q) + 5) * CFG.n_layers * CFG.n_kv_heads
     for a, b in zip(saved, jax.tree.leaves(ctx.state), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))  # the context is intact after use (K7)
     # compressed by KVzip: a prompt after another == the same prompt on a freshly compressed context
@@ -350,7 +350,7 @@ def test_prefilled_context_serves_several_prompts_unchanged(sharp):
 def test_kvzip_context_compressed_once_answers_questions(smollm2):
     from wgkv_jax.eval import make_task, score
 
-    task = make_task("multiquery", smollm2.tokenizer, 600, seed=4, num_queries=2)
+    task = make_task("multiquery", smollm2.tokenizer, 420, seed=4, num_queries=2)
     ctx = wgkv_jax.prefill_context(
         smollm2, task.prefill, gate="all", cache=CacheConfig(window=64), policy="kvzip", keep_ratio=0.5
     )
