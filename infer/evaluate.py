@@ -1,6 +1,6 @@
 """Evaluate cache methods on RULER-style tasks: accuracy vs measured KV ratio, table and plots.
 
-python -m infer.evaluate --tasks niah,multikey,vt,qa --lengths 2048,4096 \
+python -m infer.evaluate --tasks niah,multikey,vt,qa,ppl --lengths 2048,4096 \
     --methods full,wgkv,local,streaming_llm,snapkv,h2o,kvzip,wgkv+snapkv --keep-ratios 0.1,0.25,0.5 \
     --out results/eval_smollm2
 python -m infer.evaluate --model /path/to/qwen.gguf --ckpt runs/qwen_gate --lengths 4096 --out results/eval_qwen
@@ -28,7 +28,8 @@ class EvaluateArgs:
     model: str = "smollm2-135m"
     """A named model, an HF directory or a .gguf file."""
     tasks: str = "niah,multikey,vt,qa"
-    """Comma-separated: niah, multikey, multivalue, multiquery, vt, cwe, qa."""
+    """Comma-separated: niah, multikey, multivalue, multiquery, vt, cwe, qa, ppl (perplexity of the last
+    128 tokens of a real text after the method compressed the rest)."""
     lengths: str = "2048"
     """Prompt lengths in tokens, comma-separated."""
     methods: str = "full,wgkv,local,streaming_llm,snapkv,h2o,kvzip,wgkv+snapkv"

@@ -75,3 +75,26 @@ def test_evaluate_cli_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "cells.jsonl").read_text().splitlines() == cells
     assert "| snapkv @ 0.5 |" in capsys.readouterr().out
     assert main(EvaluateArgs(out=tmp_path, methods="full,nope")) == 2
+
+
+@pytest.mark.slow
+def test_ppl_cells_match_the_dense_forward(smollm2, tmp_path):
+    """ppl: "full" through the cache equals the dense forward's perplexity; compressing the context
+    costs perplexity but keeps it finite; the KV ratio is measured."""
+    import jax
+    import numpy as np
+
+    from wgkv_jax.eval.harness import PPL_SCORED, run_matrix
+    from wgkv_jax.eval.tasks import make_task
+
+    cfg = EvalConfig(tasks=("ppl",), lengths=(320,), methods=("full", "local", "quest"), keep_ratios=(0.25,), samples=1)
+    assert ("ppl", 320, "quest", 0.25) not in cfg.cells()
+    cells = {c["method"]: c for c in run_matrix(smollm2, cfg, tmp_path, progress=False)}
+    ids = smollm2.encode_prompt(make_task("ppl", smollm2.tokenizer, 320, seed=0).prompt, chat=False)
+    logp = np.asarray(jax.nn.log_softmax(smollm2.logits(np.asarray([ids], np.int32))[0], axis=-1))
+    tail = np.arange(len(ids) - PPL_SCORED, len(ids))
+    dense = float(np.exp(-logp[tail - 1, np.asarray(ids)[tail]].mean()))
+    assert cells["full"]["ppl"] == pytest.approx(dense, rel=1e-3) and cells["full"]["kv_ratio"] == 1.0
+    assert cells["local"]["kv_ratio"] < 0.5 and np.isfinite(cells["local"]["ppl"])
+    assert cells["local"]["ppl"] != pytest.approx(dense, rel=1e-3)
+    assert "| method | measured KV ratio | ppl |" in markdown_table(summarize(list(cells.values())))

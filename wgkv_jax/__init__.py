@@ -11,7 +11,17 @@ Public API::
 """
 
 from wgkv_jax import policies
-from wgkv_jax.api import DEFAULT_MODEL, NAMED_MODELS, Gate, Model, generate, load_gate, load_model, prefill_context
+from wgkv_jax.api import (
+    DEFAULT_MODEL,
+    NAMED_MODELS,
+    Gate,
+    Model,
+    context_logprobs,
+    generate,
+    load_gate,
+    load_model,
+    prefill_context,
+)
 from wgkv_jax.cache import CacheConfig, CapacityError, FixedAdmission, GateAdmission
 from wgkv_jax.infer.generate import CacheStats, ContextLengthError, GenerationResult, PrefilledContext
 from wgkv_jax.infer.sampling import SamplingConfig
@@ -40,6 +50,7 @@ __all__ = [
     "TextTokenizer",
     "UnsupportedModelError",
     "WeightsMismatchError",
+    "context_logprobs",
     "generate",
     "load_gate",
     "load_model",

@@ -17,6 +17,7 @@ from wgkv_jax.cache import evict
 from wgkv_jax.cache.admission import Admission, FixedAdmission, GateAdmission
 from wgkv_jax.cache.dual import CacheConfig
 from wgkv_jax.infer.generate import GenerationResult, PrefilledContext, generate_ids
+from wgkv_jax.infer.generate import context_logprobs as _context_logprobs
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.model.config import ModelConfig
 from wgkv_jax.model.transformer import Params, forward, param_logical_axes, unstack_tree
@@ -297,6 +298,20 @@ def prefill_context(
         gate_params=dual["gate_params"],
         stats=stats["cache"],
     )
+
+
+def context_logprobs(
+    model: Model, context: PrefilledContext, continuation: str | Sequence[int], *, attention_impl: str = "auto"
+) -> np.ndarray:
+    """Teacher-forced log-probabilities of a continuation of a prefilled (compressed) context:
+    float32 [n - 1], entry i = log p(token i + 1 | context, tokens <= i). Perplexity of the text
+    after the context under the context's cache method is exp(-mean). The context is unchanged.
+    """
+    if isinstance(continuation, str):
+        ids = model._require_tokenizer().encode(continuation, add_special_tokens=False)
+    else:
+        ids = list(map(int, continuation))
+    return _context_logprobs(model.params, model.config, context, ids, attention_impl=attention_impl, mesh=model.mesh)
 
 
 def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:

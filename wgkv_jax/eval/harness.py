@@ -21,6 +21,11 @@ Methods (`METHODS`; "<policy>" is any name of `wgkv_jax.policies.available()`):
 | wgkv+<policy>   | the write gate   | the policy evicts the admitted  | kept / prompt entries          |
 | quest           | all              | decode reads the top r pages    | pages read (memory stays full) |
 
+Task "ppl" scores no answer: its cell is the perplexity of the last `PPL_SCORED` tokens of a real
+text after the method prefilled and compressed the rest (`prefill_context`, then the tokens are
+teacher-forced through that cache by `context_logprobs`); "full" is then the dual cache keeping
+every entry, which equals the full cache. Quest has no ppl cell (it selects pages at decode).
+
 Cells are appended to `cells.jsonl` in the output folder as they finish and skipped when the same
 settings are asked again, so an interrupted matrix resumes where it stopped. Everything is greedy
 and seeded: the same settings give the same cells.
@@ -40,6 +45,7 @@ from wgkv_jax.eval.scoring import score as score_answer
 from wgkv_jax.eval.tasks import TASKS, make_task
 
 MAX_NEW = {"niah": 24, "multikey": 24, "multivalue": 48, "multiquery": 48, "vt": 32, "cwe": 64, "qa": 32}
+PPL_SCORED = 128  # ppl: the tokens scored after each (compressed) context
 FIXED = ("full", "wgkv", "local", "quest")
 
 
@@ -62,9 +68,9 @@ class EvalConfig:
     def __post_init__(self):
         from wgkv_jax import policies
 
-        unknown = sorted(set(self.tasks) - (set(TASKS) - {"ppl"}))
+        unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(set(TASKS) - {'ppl'})}")
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         names = set(policies.available())
         for m in self.methods:
             base = m.split("+", 1)[1] if m.startswith("wgkv+") else m
@@ -82,6 +88,8 @@ class EvalConfig:
         for n in self.lengths:
             for task in self.tasks:
                 for m in self.methods:
+                    if task == "ppl" and m == "quest":
+                        continue  # Quest selects pages for decode queries; a scored continuation is prefilled
                     ratios = [None] if m in ("full", "wgkv") else self.keep_ratios
                     out.extend((task, n, m, r) for r in ratios)
         return out
@@ -127,6 +135,8 @@ def run_cell(model, cfg: EvalConfig, task: str, n: int, method: str, ratio) -> d
     """Generate and score one cell; returns its record (see the module docstring)."""
     import wgkv_jax
 
+    if task == "ppl":
+        return _ppl_cell(model, cfg, n, method, ratio)
     tasks = [make_task(task, model.tokenizer, n, seed=cfg.seed + i, chat=cfg.chat) for i in range(cfg.samples)]
     kw = _generate_kwargs(model, cfg, method, ratio, n)
     t0 = time.perf_counter()
@@ -164,6 +174,47 @@ def run_cell(model, cfg: EvalConfig, task: str, n: int, method: str, ratio) -> d
         )
         record["stored_per_layer_head"] = (lengths / beyond[None, :, None]).mean(axis=1).tolist()
     return record
+
+
+def _ppl_cell(model, cfg: EvalConfig, n: int, method: str, ratio) -> dict:
+    """Perplexity of the last PPL_SCORED tokens of an n-token real text after its first part was
+    prefilled (and compressed) by the method: `prefill_context` then `context_logprobs`. "full"
+    is the dual cache admitting and keeping everything (equal to the full cache, I1)."""
+    import wgkv_jax
+
+    ctx_len = n - PPL_SCORED - 1
+    kw = _generate_kwargs(model, cfg, method, ratio, ctx_len)
+    if method == "full":
+        kw = {"gate": "all", "cache": wgkv_jax.CacheConfig(window=_block(min(cfg.window or 256, ctx_len // 2)))}
+        kw["cache"] = dataclasses.replace(kw["cache"], capacity_fraction=1.0)
+    nll, stats, t0 = [], [], time.perf_counter()
+    for i in range(cfg.samples):
+        task = make_task("ppl", model.tokenizer, n, seed=cfg.seed + i)
+        ids = model.encode_prompt(task.prompt, chat=False)
+        if len(ids) < PPL_SCORED + 32:
+            raise ValueError(f"ppl: a {n}-token cell leaves no context before the {PPL_SCORED} scored tokens")
+        split = len(ids) - PPL_SCORED - 1
+        ctx = wgkv_jax.prefill_context(model, ids[:split], attention_impl=cfg.attention_impl, **kw)
+        lp = wgkv_jax.context_logprobs(model, ctx, ids[split:], attention_impl=cfg.attention_impl)
+        nll.append(float(-lp.mean()))
+        stats.append(ctx.stats)
+    return {
+        "task": "ppl",
+        "length": n,
+        "method": method,
+        "keep_ratio": ratio,
+        "accuracy": None,
+        "ppl": float(np.exp(np.mean(nll))),
+        "nll": nll,
+        "kv_ratio": float(np.mean([s.kv_ratio for s in stats])),
+        "stored_fraction": float(np.mean([s.stored_fraction for s in stats])),
+        "kv_bytes": stats[-1].allocated_bytes,
+        "full_bytes": stats[-1].full_cache_bytes,
+        "policy_evicted": stats[-1].policy_evicted,
+        "window": stats[-1].window,
+        "capacity": stats[-1].capacity,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def run_matrix(
@@ -211,18 +262,25 @@ def summarize(records: Sequence[dict]) -> list[dict]:
     rows = {}
     for rec in records:
         k = (rec["length"], rec["method"], rec["keep_ratio"])
-        row = rows.setdefault(k, {"length": k[0], "method": k[1], "keep_ratio": k[2], "tasks": {}, "kv": []})
-        row["tasks"][rec["task"]] = rec["accuracy"]
+        row = rows.setdefault(
+            k, {"length": k[0], "method": k[1], "keep_ratio": k[2], "tasks": {}, "kv": [], "ppl": None}
+        )
+        if rec["task"] == "ppl":
+            row["ppl"] = rec["ppl"]
+        else:
+            row["tasks"][rec["task"]] = rec["accuracy"]
         row["kv"].append(rec["kv_ratio"])
     out = []
     for row in rows.values():
+        accs = list(row["tasks"].values())
         out.append(
             {
                 "length": row["length"],
                 "method": row["method"],
                 "keep_ratio": row["keep_ratio"],
                 "accuracy": {t: a for t, a in sorted(row["tasks"].items())},
-                "mean_accuracy": float(np.mean(list(row["tasks"].values()))),
+                "mean_accuracy": float(np.mean(accs)) if accs else None,
+                "ppl": row["ppl"],
                 "kv_ratio": float(np.mean(row["kv"])),
             }
         )
@@ -241,14 +299,21 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def markdown_table(summary: Sequence[dict]) -> str:
     tasks = sorted({t for r in summary for t in r["accuracy"]})
+    ppl = any(r.get("ppl") is not None for r in summary)
+    cols = [*tasks, "mean"] if tasks else []
+    cols += ["ppl"] if ppl else []
     lines = []
     for n in sorted({r["length"] for r in summary}):
-        lines += [f"### {n} tokens", "", "| method | measured KV ratio | " + " | ".join(tasks) + " | mean |"]
-        lines.append("|---|---|" + "---|" * (len(tasks) + 1))
+        lines += [f"### {n} tokens", "", "| method | measured KV ratio | " + " | ".join(cols) + " |"]
+        lines.append("|---|---|" + "---|" * len(cols))
         for r in (r for r in summary if r["length"] == n):
             label = r["method"] if r["keep_ratio"] is None else f"{r['method']} @ {r['keep_ratio']:g}"
-            accs = " | ".join(f"{100 * r['accuracy'][t]:.0f}" if t in r["accuracy"] else "" for t in tasks)
-            lines.append(f"| {label} | {r['kv_ratio']:.3f} | {accs} | {100 * r['mean_accuracy']:.1f} |")
+            cells = [f"{100 * r['accuracy'][t]:.0f}" if t in r["accuracy"] else "" for t in tasks]
+            if tasks:
+                cells.append("" if r["mean_accuracy"] is None else f"{100 * r['mean_accuracy']:.1f}")
+            if ppl:
+                cells.append("" if r.get("ppl") is None else f"{r['ppl']:.2f}")
+            lines.append(f"| {label} | {r['kv_ratio']:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -267,7 +332,7 @@ def write_reports(records: Sequence[dict], out_dir: str | Path, *, title: str = 
     lengths = sorted({r["length"] for r in summary})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, n in zip(axes[0], lengths, strict=True):
-        rows = [r for r in summary if r["length"] == n and r["method"] != "quest"]
+        rows = [r for r in summary if r["length"] == n and r["method"] != "quest" and r["mean_accuracy"] is not None]
         for method in sorted({r["method"] for r in rows}):
             pts = sorted((r["kv_ratio"], r["mean_accuracy"]) for r in rows if r["method"] == method)
             style = "o-" if method.startswith("wgkv") else "s--" if method in ("full", "local") else "^:"

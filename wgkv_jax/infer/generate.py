@@ -337,13 +337,7 @@ def generate_ids(
         )  # fmt: skip
         shape_info = {"prompt_bucket": t_bucket, "cache_size": size}
     else:
-        if gate_params is not None:
-            layers = params["layers"]
-            if isinstance(layers, list | tuple):  # unrolled layers: each gets its slice of the gate
-                layers = [dict(p, gate=jax.tree.map(lambda x, i=i: x[i], gate_params)) for i, p in enumerate(layers)]
-            else:
-                layers = dict(layers, gate=gate_params)
-            params = dict(params, layers=layers)
+        params = with_gate(params, gate_params)
         impl = dispatch.ragged_impl(attention_impl)
         attend = DualAttend(
             admission, defer_gating=cache.defer_gating, impl=impl, batched_promotion=True, read_policy=read_policy
@@ -474,20 +468,74 @@ class PrefilledContext:
     stats: CacheStats | None = None
 
 
-def _continue_context(params, cfg, context: PrefilledContext, ids, prefill_attend_, key, sampling, put):
-    """Prefill `ids` after the context, in unpadded pieces that fit the ring's spare slots."""
+def _context_pieces(context: PrefilledContext, ids, put):
+    """A copy of the context's cache and the (tokens, positions) pieces that continue it: unpadded
+    pieces that fit the ring's spare slots."""
     state = jax.tree.map(jnp.copy, context.state)  # the caller's context stays intact (donation below)
     spare = state.ring_size - state.window
-    n0 = context.length
+    pieces = []
     for c in range(0, len(ids), spare):
         piece = np.asarray([ids[c : c + spare]], np.int32)
-        pos = (n0 + c + np.arange(piece.shape[1], dtype=np.int32))[None]
-        first_b, state = prefill_chunk(
-            params, cfg, state, put(piece, ("batch", "seq")), put(pos, ("batch", "seq")), key, sampling,
-            prefill_attend_,
-        )  # fmt: skip
-    info = {"context_tokens": n0, "capacity": state.capacity, "window": state.window}
+        pos = (context.length + c + np.arange(piece.shape[1], dtype=np.int32))[None]
+        pieces.append((c, put(piece, ("batch", "seq")), put(pos, ("batch", "seq"))))
+    return state, pieces
+
+
+def _continue_context(params, cfg, context: PrefilledContext, ids, prefill_attend_, key, sampling, put):
+    """Prefill `ids` after the context (on a copy of its cache)."""
+    state, pieces = _context_pieces(context, ids, put)
+    for _, piece, pos in pieces:
+        first_b, state = prefill_chunk(params, cfg, state, piece, pos, key, sampling, prefill_attend_)
+    info = {"context_tokens": context.length, "capacity": state.capacity, "window": state.window}
     return first_b, state, info
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attend"), donate_argnames=("cache",))
+def chunk_logprobs(params: Params, cfg: ModelConfig, cache, tokens_bt, pos_bt, attend):
+    """One chunk over a dual cache (teacher forcing): log-probabilities [B, T, V] after each token."""
+    h_btd, cache = hidden_states(params, cfg, tokens_bt, pos_bt, attend=attend, state=cache)
+    return jax.nn.log_softmax(lm_head(params, cfg, h_btd).astype(jnp.float32), axis=-1), cache
+
+
+def context_logprobs(
+    params: Params, cfg: ModelConfig, context: PrefilledContext, ids: Sequence[int], *, attention_impl="auto", mesh=None
+) -> np.ndarray:
+    """log p(ids[i + 1] | context, ids[: i + 1]) for i < len(ids) - 1, float32 [len(ids) - 1].
+
+    The continuation is teacher-forced through the context's (compressed) cache exactly as a
+    prompt continuing it would be prefilled (same pieces, same admission), on a copy of the
+    cache: the context is left unchanged. The first token of `ids` is conditioned on, not scored.
+    """
+    if len(ids) < 2:
+        raise ValueError(f"a continuation of {len(ids)} token(s) has nothing to score; need >= 2")
+    if context.length + len(ids) > cfg.max_seq_len:
+        raise ContextLengthError(
+            f"context ({context.length}) + continuation ({len(ids)}) tokens exceed the limit of {cfg.max_seq_len}"
+        )
+    put = _placer(mesh)
+    params = with_gate(params, context.gate_params)
+    attend = DualAttend(context.admission, impl=dispatch.ragged_impl(attention_impl))
+    state, pieces = _context_pieces(context, list(map(int, ids)), put)
+    targets = np.asarray(ids[1:], np.int64)
+    out = []
+    for c, piece, pos in pieces:
+        lp_btv, state = chunk_logprobs(params, cfg, state, piece, pos, attend)
+        lp_tv = np.asarray(lp_btv[0])
+        tgt = targets[c : c + lp_tv.shape[0]]
+        out.append(lp_tv[np.arange(len(tgt)), tgt])
+    return np.concatenate(out).astype(np.float32)
+
+
+def with_gate(params: Params, gate_params) -> Params:
+    """The model params with the stacked per-layer gate params beside each layer's weights."""
+    if gate_params is None:
+        return params
+    layers = params["layers"]
+    if isinstance(layers, list | tuple):  # unrolled layers: each gets its slice of the gate
+        layers = [dict(p, gate=jax.tree.map(lambda x, i=i: x[i], gate_params)) for i, p in enumerate(layers)]
+    else:
+        layers = dict(layers, gate=gate_params)
+    return dict(params, layers=layers)
 
 
 SCORE_AXES = ("layers", "batch", "kv_heads", "cache_seq")
