@@ -137,7 +137,11 @@ def main(args: GenerateArgs) -> int:
         return 2
     chat = bool(args.chat and model.tokenizer is not None and model.tokenizer.chat_template)
     dual = {}
-    if not args.full_cache:
+    if isinstance(policy, wgkv_jax.policies.Cascading):
+        if args.ckpt not in (None, "all") or args.full_cache:
+            print("error: --policy cascading is its own cache; drop --ckpt / --full-cache", file=sys.stderr)
+            return 2
+    elif not args.full_cache:
         try:
             gate = wgkv_jax.load_gate(model, args.ckpt, tau=args.tau)
             cache = _cache_config(wgkv_jax, args, window=args.window or gate.window or 256)
@@ -180,6 +184,7 @@ def main(args: GenerateArgs) -> int:
         file=sys.stderr,
     )
     kind = "full" if args.full_cache else "dual" if policy is None else f"dual + {policy.name} {args.keep_ratio}"
+    kind = f"cascading {args.keep_ratio}" if isinstance(policy, wgkv_jax.policies.Cascading) else kind
     print(f"[{kind} cache] {out.cache_stats.summary()}", file=sys.stderr)
     return 0
 

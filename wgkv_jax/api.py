@@ -279,6 +279,8 @@ def prefill_context(
     `room`: store slots kept free for each continuation's admitted tokens (question + answer).
     The admission, cache settings and policy are those of `generate`.
     """
+    if policy == "cascading" or isinstance(policy, policies.Cascading):
+        raise ValueError("prefill_context keeps a dual cache; a Cascading cache cannot be prefilled for reuse yet")
     if isinstance(context, str):
         ids = model._require_tokenizer().encode(context)
     else:
@@ -318,6 +320,13 @@ def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
     """generate_ids keyword arguments of the dual cache (empty for the full cache)."""
     dual = {}
     policy, gate_stage = _resolve_policy(policy, keep_ratio)
+    if isinstance(policy, policies.Cascading):
+        if gate_stage is not None or gate not in (None, "all") or cache is not None:
+            raise ValueError(
+                "Cascading is its own cache (admission by attention EMA); it takes no gate or CacheConfig "
+                f"(got gate={gate!r}, cache={cache!r})"
+            )
+        return {"policy": policy}
     if gate_stage is not None:
         if gate is not None:
             raise ValueError(f"give the admission once: gate={gate!r} or the Chain's {gate_stage!r}, not both")

@@ -20,11 +20,13 @@ Methods (`METHODS`; "<policy>" is any name of `wgkv_jax.policies.available()`):
 | <policy>        | all              | the policy evicts               | kept / prompt entries          |
 | wgkv+<policy>   | the write gate   | the policy evicts the admitted  | kept / prompt entries          |
 | quest           | all              | decode reads the top r pages    | pages read (memory stays full) |
+| cascading       | (its own cache)  | -                               | cache slots / prompt tokens    |
 
 Task "ppl" scores no answer: its cell is the perplexity of the last `PPL_SCORED` tokens of a real
 text after the method prefilled and compressed the rest (`prefill_context`, then the tokens are
 teacher-forced through that cache by `context_logprobs`); "full" is then the dual cache keeping
-every entry, which equals the full cache. Quest has no ppl cell (it selects pages at decode).
+every entry, which equals the full cache. Quest (pages selected at decode) and Cascading (its
+cache cannot be prefilled for reuse yet) have no ppl cell.
 
 Cells are appended to `cells.jsonl` in the output folder as they finish and skipped when the same
 settings are asked again, so an interrupted matrix resumes where it stopped. Everything is greedy
@@ -78,6 +80,8 @@ class EvalConfig:
                 raise ValueError(
                     f"unknown method {m!r}; choose from {list(FIXED)}, a policy {sorted(names)} or wgkv+<policy>"
                 )
+            if m == "wgkv+cascading":
+                raise ValueError("wgkv+cascading: Cascading is its own cache and does not compose with the gate")
         if not self.keep_ratios or any(not 0 < r <= 1 for r in self.keep_ratios):
             raise ValueError(f"keep_ratios {self.keep_ratios} must be in (0, 1]")
         if self.samples < 1 or any(n < 128 for n in self.lengths):
@@ -88,8 +92,8 @@ class EvalConfig:
         for n in self.lengths:
             for task in self.tasks:
                 for m in self.methods:
-                    if task == "ppl" and m == "quest":
-                        continue  # Quest selects pages for decode queries; a scored continuation is prefilled
+                    if task == "ppl" and m in ("quest", "cascading"):
+                        continue  # Quest selects pages at decode; a Cascading context cannot be prefilled for reuse
                     ratios = [None] if m in ("full", "wgkv") else self.keep_ratios
                     out.extend((task, n, m, r) for r in ratios)
         return out
@@ -116,6 +120,8 @@ def _generate_kwargs(model, cfg: EvalConfig, method: str, ratio, n: int) -> dict
 
     if method == "full":
         return {}
+    if method == "cascading":
+        return {"policy": "cascading", "keep_ratio": ratio}
     if method == "local":
         return {"gate": "none", "cache": wgkv_jax.CacheConfig(window=_block(int(ratio * n)))}
     gate, name, w = "all", method, cfg.window or 256

@@ -28,6 +28,7 @@ import numpy as np
 from wgkv_jax import policies, sharding
 from wgkv_jax.cache import evict
 from wgkv_jax.cache.admission import Admission
+from wgkv_jax.cache.cascading import CascadeAttend, CascadingCache
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
 from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
@@ -64,7 +65,7 @@ class CacheStats:
     """KV-cache accounting at the end of generation (all rows together).
 
     Attributes:
-      kind: "full" or "dual".
+      kind: "full", "dual" or "cascading".
       allocated_bytes: bytes of the K/V buffers allocated (static shapes: ring + capacity).
       full_cache_bytes: bytes a full cache would need for exactly the same tokens.
       stored_entries: K/V entries (one per layer, row, KV head, token) held at the end.
@@ -284,13 +285,19 @@ def generate_ids(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if (cache is None) != (admission is None):
         raise ValueError("a dual cache needs both `cache` (CacheConfig) and `admission`; pass neither for a full cache")
-    if policy is not None and cache is None:
+    cascading = isinstance(policy, policies.Cascading)
+    if cascading and (cache is not None or read_policy is not None or context is not None):
+        raise ValueError(
+            "Cascading is its own cache (admission by attention EMA): pass no `cache`/`admission`, "
+            "read_policy or context with it"
+        )
+    if policy is not None and cache is None and not cascading:
         raise ValueError("an eviction policy runs on the dual cache; pass `cache` (CacheConfig) and `admission` too")
     if context is not None:
         if len(prompts) != 1 or policy is not None or cache is not None:
             raise ValueError("a prefilled context takes one prompt at a time, and no new cache or policy")
         cache, admission, gate_params = context.cache, context.admission, context.gate_params
-    kvzip = _check_policy(policy, kvzip_prompt_ids)
+    kvzip = False if cascading else _check_policy(policy, kvzip_prompt_ids)
     if read_policy is not None:
         if cache is None:
             raise ValueError("read_policy (Quest) reads the dual cache's global store; pass `cache` and `admission`")
@@ -322,7 +329,11 @@ def generate_ids(
     put = _placer(mesh)
 
     t0 = time.perf_counter()
-    if cache is None:
+    if cascading:
+        ccfg = policy.cache_config(longest)
+        attend, stop_on_evict = CascadeAttend(ccfg, cfg), False
+        first_b, state, shape_info = _prefill_cascading(params, cfg, ccfg, prompts, attend, key, sampling, put, dtype)
+    elif cache is None:
         t_bucket = min(prompt_bucket(longest), cfg.max_seq_len)
         size = cache_bucket(t_bucket + max_new_tokens)
         tokens_bt = np.zeros((batch, t_bucket), np.int32)
@@ -399,6 +410,30 @@ def generate_ids(
     if return_cache:
         stats["cache_state"] = state
     return new_ids, finished, stats
+
+
+CASCADE_STRIDE = 512
+
+
+def _prefill_cascading(params, cfg, ccfg, prompts, attend, key, sampling, put, dtype):
+    """Strided prefill of left-padded prompts into a fresh cascading cache (section 4.5 of
+    reference/baselines.md: each chunk attends to the cache and itself, then is pushed)."""
+    batch = len(prompts)
+    lengths_b = np.asarray([len(p) for p in prompts], np.int32)
+    t_bucket = prompt_bucket(int(lengths_b.max()))
+    chunk = min(t_bucket, CASCADE_STRIDE)
+    state = put(lambda: CascadingCache.zeros(cfg, batch, ccfg, dtype), CascadingCache.logical_axes())
+    tokens_bt = np.zeros((batch, t_bucket), np.int32)
+    for i, p in enumerate(prompts):
+        tokens_bt[i, t_bucket - len(p) :] = p
+    pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
+    for c in range(0, t_bucket, chunk):
+        first_b, state = prefill_chunk(
+            params, cfg, state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
+            put(pos_bt[:, c : c + chunk], ("batch", "seq")), jax.random.fold_in(key, 0), sampling, attend,
+        )  # fmt: skip
+    info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": ccfg.capacity, "window": ccfg.window}
+    return first_b, state, info
 
 
 def _prefill_dual(
@@ -596,6 +631,19 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=No
     itemsize = state.ring_k.dtype.itemsize if isinstance(state, DualCache) else state.k.dtype.itemsize
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
     full_entries = int(seen_b.sum()) * cfg.n_layers * cfg.n_kv_heads
+    if isinstance(state, CascadingCache):
+        held_lbk = np.sum(np.asarray(state.pos) >= 0, axis=-1)
+        return CacheStats(
+            kind="cascading",
+            allocated_bytes=state.kv_nbytes,
+            full_cache_bytes=int(seen_b.sum()) * per_token,
+            stored_entries=int(held_lbk.sum()),
+            full_entries=full_entries,
+            kv_ratio=float(np.mean(held_lbk / seen_b[None, :, None])),
+            admission_per_layer=(held_lbk.sum(axis=(1, 2)) / max(int(seen_b.sum()) * cfg.n_kv_heads, 1)).tolist(),
+            evicted=0,
+            capacity=state.size,
+        )
     if isinstance(state, KVCache):
         return CacheStats(
             kind="full",

@@ -31,6 +31,7 @@ from wgkv_jax.policies.budgets import Budget, Global, KeepRatio, PerHead, PerLay
 from wgkv_jax.policies.policies import (
     H2O,
     POLICIES,
+    Cascading,
     Chain,
     KVzip,
     Policy,
@@ -61,6 +62,7 @@ __all__ = [
     "POLICIES",
     "AhaKV",
     "Budget",
+    "Cascading",
     "Chain",
     "Global",
     "KVzip",

@@ -396,12 +396,53 @@ class Chain(Policy):
         return super().select(scores, alive if valid is None else valid & alive, protect)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cascading:
+    """Cascading KV cache (Willette et al., arXiv 2406.17808): an *admission* policy with its own
+    cache, not a scorer over the dual cache's store. S sinks + C circular cascades of W slots;
+    cascade i accepts every 2^i-th token, and a declined token overwrites the cascade's newest
+    entry when its attention EMA is at least as high (`wgkv_jax.cache.cascading`).
+
+    The budget sizes the cache for a prompt of n tokens: KeepRatio(r) gives floor(r * n) slots,
+    Tokens(t) gives t; W is the largest with S + C * W <= slots. `generate(policy="cascading",
+    keep_ratio=r)` runs it (no write gate: it replaces the dual cache).
+    """
+
+    name: ClassVar[str] = "cascading"
+    budget: Budget = None
+    cascades: int = 4
+    sinks: int = 4
+    beta: float = 0.9999999
+    positions: Literal["in_cache", "original"] = "in_cache"
+    head_reduce: Literal["max", "mean"] = "max"
+
+    def __post_init__(self):
+        _set_budget(self, self.budget)
+        if not isinstance(self.budget, PerHead):
+            raise ValueError(f"cascading: budget {self.budget!r} must be KeepRatio, Tokens or PerHead (one size)")
+        _check_int(self.name, "cascades", self.cascades, 1)
+        _check_int(self.name, "sinks", self.sinks, 0)
+        self.cache_config(max(self.sinks + self.cascades, 64))  # validates beta, positions, head_reduce
+
+    def cache_config(self, n_tokens: int):
+        """The `CascadeConfig` for an n-token prompt."""
+        from wgkv_jax.cache.cascading import CascadeConfig
+
+        size = self.budget.size
+        slots = int(size.n) if isinstance(size, Tokens) else size.count(n_tokens)  # Tokens: as given, not capped
+        return CascadeConfig.for_budget(
+            slots, cascades=self.cascades, sinks=self.sinks, beta=self.beta, positions=self.positions,
+            head_reduce=self.head_reduce,
+        )  # fmt: skip
+
+
 POLICIES: dict[str, type[Policy]] = {
     StreamingLLM.name: StreamingLLM,
     SnapKV.name: SnapKV,
     H2O.name: H2O,
     Quest.name: Quest,
     KVzip.name: KVzip,
+    Cascading.name: Cascading,
 }
 
 
