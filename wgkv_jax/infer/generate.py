@@ -71,7 +71,8 @@ class CacheStats:
       stored_entries: K/V entries (one per layer, row, KV head, token) held at the end.
       full_entries: entries a full cache holds for the same tokens.
       kv_ratio: the paper's ratio, per layer/head (W + global entries) / tokens, averaged
-        (the local region counts whole, as in the reference profiler).
+        (the local region counts whole, as in the reference profiler, once the sequence fills it:
+        min(W, tokens), so a sequence shorter than W has ratio 1, not W / tokens).
       admission_per_layer: admitted fraction of the tokens that left the window, per layer.
       evicted: admitted entries dropped because the global store was full.
       policy_evicted: admitted entries an eviction policy removed after the prompt.
@@ -669,7 +670,7 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=No
         full_cache_bytes=int(seen_b.sum()) * per_token,
         stored_entries=int(stored.sum()),
         full_entries=full_entries,
-        kv_ratio=float(np.mean((w + length_lbk) / seen_b[None, :, None])),
+        kv_ratio=float(np.mean((np.minimum(seen_b, w)[None, :, None] + length_lbk) / seen_b[None, :, None])),
         admission_per_layer=[float(a) / left_total for a in admitted_l],
         evicted=int(evicted_lbk.sum()),
         policy_evicted=int(dropped_l.sum()),
