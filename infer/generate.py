@@ -76,6 +76,9 @@ class GenerateArgs:
     budget_kind: Literal["auto", "per-head", "per-layer", "global"] = "auto"
     """How the --keep-ratio budget is spread: the policy's default (auto), the same count per head,
     per layer (AdaKV), or one count over all layers (KVzip's default)."""
+    room: int | None = None
+    """With --policy: store slots left free for decode (default --max-new-tokens). 0 holds the store
+    at the budget: tokens admitted during decode replace the lowest gate score."""
 
 
 def _cache_config(wgkv_jax, args: GenerateArgs, *, window: int):
@@ -168,6 +171,7 @@ def main(args: GenerateArgs) -> int:
             stream=emit if args.stream else None,
             attention_impl=args.attention_impl,
             policy=policy,
+            **({"room": args.room} if args.room is not None else {}),
             **dual,
         )
     except (ValueError, wgkv_jax.CapacityError) as e:

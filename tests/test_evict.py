@@ -127,6 +127,30 @@ def test_batch_with_padding_equals_rows_alone(sharp):
                 assert kept_positions(both, layer, row, head) == kept_positions(alone["cache_state"], layer, 0, head)
 
 
+def test_room_zero_evicts_during_decode_at_the_budget(sharp):
+    """room=0: the store stays at the policy's budget (rounded up to 16 slots) and every token
+    decode admits beyond it replaces the lowest gate score; the default room evicts nothing."""
+    prompt = rand_tokens(64, seed=4)
+    policy = P.get("snapkv", tokens=16, window=4)  # 16 entries per head: capacity exactly 16
+    admission = FixedAdmission("random", 0.9, seed=1)  # random gate scores to rank by
+    _, _, roomy = run(sharp, [prompt], policy, admission, max_new=40)
+    assert roomy["cache"].evicted == 0 and roomy["cache_state"].capacity >= 16 + 40
+    _, _, tight = run(sharp, [prompt], policy, admission, max_new=40, room=0)
+    state = tight["cache_state"]
+    assert state.capacity == 16 and int(np.max(state.length)) == 16
+    assert tight["cache"].evicted > 0  # decode admitted more than the budget held
+    scores = np.asarray(state.glob_score)
+    assert np.all(np.isfinite(scores)) and np.all(np.asarray(state.glob_pos) >= 0)
+
+
+def test_generate_room_errors():
+    model = wgkv_jax.Model(config=CFG, params=init_params(CFG, jax.random.PRNGKey(1)))
+    with pytest.raises(ValueError, match="room=0 goes with an eviction policy"):
+        wgkv_jax.generate(model, [[1, 2, 3]], gate="all", room=0)
+    with pytest.raises(ValueError, match="room=-1 must be >= 0"):
+        wgkv_jax.generate(model, [[1, 2, 3]], gate="all", policy="h2o", keep_ratio=0.5, room=-1)
+
+
 def test_global_and_per_layer_budgets_keep_exact_totals(sharp):
     prompt = rand_tokens(60, seed=9)
     for kind in (P.Global, P.PerLayer):

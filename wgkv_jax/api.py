@@ -270,6 +270,7 @@ def generate(
     attention_impl: str = "auto",
     policy=None,
     keep_ratio: float | None = None,
+    room: int | None = None,
     context: PrefilledContext | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts (texts or token-id lists) of any lengths.
@@ -290,6 +291,10 @@ def generate(
         prompt at a time on a copy of its cache, so the context serves any number of prompts.
       keep_ratio: with a policy name, the fraction of the prompt's KV entries kept (window included);
         for "quest" (read-time page selection, no eviction) the fraction of the store's pages read.
+      room: with an eviction policy, the store slots left free for the tokens decode admits
+        (default: max_new_tokens, so nothing is evicted during decode). room=0 holds the store at
+        the budget: each token admitted during decode then replaces the lowest gate score of its
+        head (decode-time eviction once the budget is reached; counted in cache_stats.evicted).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -323,6 +328,12 @@ def generate(
     else:
         ids = [list(map(int, p)) for p in prompts]
     dual = _dual_settings(model, gate, cache, policy, keep_ratio)
+    if room is not None:
+        if "policy" not in dual or isinstance(dual["policy"], policies.Cascading):
+            raise ValueError(f"room={room} goes with an eviction policy on the dual cache (policy=...)")
+        if room < 0:
+            raise ValueError(f"room={room} must be >= 0 (store slots left free for decode)")
+        dual["room"] = room
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
     return _generate_ids_api(model, ids, max_new_tokens, attention_impl, kw, dual)
 
