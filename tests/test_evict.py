@@ -269,6 +269,12 @@ def test_every_policy_generates_on_smollm2(smollm2, tmp_path, capsys):
     assert main(GenerateArgs(**args, policy="ahakv", keep_ratio=0.3, budget_kind="per-layer")) == 0
     err = capsys.readouterr().err
     assert "[dual + ahakv 0.3 cache]" in err and "evicted by the policy" in err
+    cascading = dict(args, ckpt=None)  # Cascading is its own cache: the default gate is not used
+    assert main(GenerateArgs(**cascading, policy="cascading", keep_ratio=0.25)) == 0
+    err = capsys.readouterr().err
+    assert "[cascading 0.25 cache]" in err and "kv ratio 0.2" in err
+    assert main(GenerateArgs(**dict(args, ckpt="none"), policy="cascading", keep_ratio=0.25)) == 2
+    assert "cascading is its own cache" in capsys.readouterr().err
     assert main(GenerateArgs(**args, policy="h2o")) == 2
     assert "needs --keep-ratio" in capsys.readouterr().err
     assert main(GenerateArgs(**args, keep_ratio=0.3)) == 2
