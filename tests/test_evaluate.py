@@ -18,6 +18,8 @@ from wgkv_jax.eval.harness import EvalConfig, markdown_table, pareto, summarize
         ({"keep_ratios": (0.0,)}, "keep_ratios"),
         ({"lengths": (64,)}, "lengths"),
         ({"samples": 0}, "samples=0"),
+        ({"methods": ("wgkv@1.5",)}, r"'wgkv@1.5': the threshold after '@' must be a number in \[0, 1\)"),
+        ({"methods": ("wgkv@low",)}, "'wgkv@low'"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -32,6 +34,8 @@ def test_cells_and_pareto():
         ("niah", 512, "full", None), ("niah", 512, "wgkv", None), ("niah", 512, "snapkv", 0.1),
         ("niah", 512, "snapkv", 0.5), ("niah", 512, "wgkv+h2o", 0.1), ("niah", 512, "wgkv+h2o", 0.5),
     ]  # fmt: skip
+    sweep = EvalConfig(tasks=("niah",), lengths=(512,), methods=("wgkv", "wgkv@0.02"), keep_ratios=(0.1, 0.5))
+    assert sweep.cells() == [("niah", 512, "wgkv", None), ("niah", 512, "wgkv@0.02", None)]
     pts = [(0.5, 0.4), (0.2, 0.5), (0.3, 0.3), (0.9, 0.9), (0.95, 0.8), (0.2, 0.1)]
     assert pareto(pts) == [(0.2, 0.5), (0.9, 0.9)]
 

@@ -16,6 +16,7 @@ Methods (`METHODS`; "<policy>" is any name of `wgkv_jax.policies.available()`):
 |-----------------|------------------|---------------------------------|--------------------------------|
 | full            | (full cache)     | -                               | (none; one cell)               |
 | wgkv            | the write gate   | -                               | (none; the gate decides)       |
+| wgkv@<tau>      | the write gate, admitting g > tau (a tau sweep draws WG-KV's curve) | - | (none)     |
 | local           | none (ring only) | -                               | the window W = r * n           |
 | <policy>        | all              | the policy evicts               | kept / prompt entries          |
 | wgkv+<policy>   | the write gate   | the policy evicts the admitted  | kept / prompt entries          |
@@ -75,6 +76,9 @@ class EvalConfig:
             raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         names = set(policies.available())
         for m in self.methods:
+            if m.startswith("wgkv@"):
+                _tau_of(m)  # raises on a bad threshold
+                continue
             base = m.split("+", 1)[1] if m.startswith("wgkv+") else m
             if m not in FIXED and base not in names:
                 raise ValueError(
@@ -94,7 +98,7 @@ class EvalConfig:
                 for m in self.methods:
                     if task == "ppl" and m in ("quest", "cascading"):
                         continue  # Quest selects pages at decode; a Cascading context cannot be prefilled for reuse
-                    ratios = [None] if m in ("full", "wgkv") else self.keep_ratios
+                    ratios = [None] if m in ("full", "wgkv") or m.startswith("wgkv@") else self.keep_ratios
                     out.extend((task, n, m, r) for r in ratios)
         return out
 
@@ -105,6 +109,17 @@ def _key(model_name: str, cfg: EvalConfig, task: str, n: int, method: str, ratio
         seed=cfg.seed, chat=cfg.chat, window=cfg.window, ckpt=cfg.ckpt,
     )  # fmt: skip
     return json.dumps(fields, sort_keys=True)
+
+
+def _tau_of(method: str) -> float:
+    """The admission threshold of method "wgkv@<tau>"."""
+    try:
+        tau = float(method.split("@", 1)[1])
+    except ValueError:
+        tau = float("nan")
+    if not 0.0 <= tau < 1.0:
+        raise ValueError(f"method {method!r}: the threshold after '@' must be a number in [0, 1)")
+    return tau
 
 
 def _block(x: int, block: int = 16) -> int:
@@ -124,14 +139,15 @@ def _generate_kwargs(model, cfg: EvalConfig, method: str, ratio, n: int) -> dict
         return {"policy": "cascading", "keep_ratio": ratio}
     if method == "local":
         return {"gate": "none", "cache": wgkv_jax.CacheConfig(window=_block(int(ratio * n)))}
-    gate, name, w = "all", method, cfg.window or 256
+    gate, name, w, tau = "all", method, cfg.window or 256, 0.1
     if method.startswith("wgkv"):
-        gate = wgkv_jax.load_gate(model, cfg.ckpt)
+        tau = _tau_of(method) if method.startswith("wgkv@") else tau
+        gate = wgkv_jax.load_gate(model, cfg.ckpt, tau=tau)
         w = gate.window or w
         name = method.split("+", 1)[1] if "+" in method else None
     if ratio is not None:
         w = min(w, _block(int(ratio * n) // 2))
-    kw = {"gate": gate, "cache": wgkv_jax.CacheConfig(window=w)}
+    kw = {"gate": gate, "cache": wgkv_jax.CacheConfig(window=w, tau=tau)}
     if name is not None:
         kw.update(policy=name, keep_ratio=ratio)
     return kw
@@ -339,8 +355,9 @@ def write_reports(records: Sequence[dict], out_dir: str | Path, *, title: str = 
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, n in zip(axes[0], lengths, strict=True):
         rows = [r for r in summary if r["length"] == n and r["method"] != "quest" and r["mean_accuracy"] is not None]
-        for method in sorted({r["method"] for r in rows}):
-            pts = sorted((r["kv_ratio"], r["mean_accuracy"]) for r in rows if r["method"] == method)
+        series = lambda m: "wgkv (tau sweep)" if m.startswith("wgkv@") or m == "wgkv" else m  # noqa: E731
+        for method in sorted({series(r["method"]) for r in rows}):
+            pts = sorted((r["kv_ratio"], r["mean_accuracy"]) for r in rows if series(r["method"]) == method)
             style = "o-" if method.startswith("wgkv") else "s--" if method in ("full", "local") else "^:"
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=method, ms=6)
         base = [
