@@ -20,6 +20,7 @@ def test_registry_sizes_the_cache_from_the_prompt():
     assert "cascading" in policies.available()
     assert pol.cache_config(1000) == CascadeConfig(window=(250 - 2) // 3, cascades=3, sinks=2)
     assert policies.Cascading(budget=policies.Tokens(100)).cache_config(10_000).capacity == 100
+    assert policies.get("cascading", keep_ratio=0.01).cache_config(2048) == CascadeConfig(window=4)  # 20 slots
     with pytest.raises(ValueError, match="must be KeepRatio, Tokens or PerHead"):
         policies.Cascading(budget=policies.Global(policies.KeepRatio(0.5)))
     with pytest.raises(ValueError, match="cascades=0"):

@@ -422,7 +422,10 @@ class Cascading:
             raise ValueError(f"cascading: budget {self.budget!r} must be KeepRatio, Tokens or PerHead (one size)")
         _check_int(self.name, "cascades", self.cascades, 1)
         _check_int(self.name, "sinks", self.sinks, 0)
-        self.cache_config(max(self.sinks + self.cascades, 64))  # validates beta, positions, head_reduce
+        from wgkv_jax.cache.cascading import CascadeConfig
+
+        CascadeConfig(window=1, cascades=self.cascades, sinks=self.sinks, beta=self.beta, positions=self.positions,
+                      head_reduce=self.head_reduce)  # fmt: skip  # validates beta, positions, head_reduce
 
     def cache_config(self, n_tokens: int):
         """The `CascadeConfig` for an n-token prompt."""
