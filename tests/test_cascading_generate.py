@@ -52,12 +52,35 @@ def test_generate_with_a_covering_budget_equals_the_full_cache_and_a_small_one_s
     assert s.allocated_bytes < full.cache_stats.allocated_bytes and s.kv_ratio < 1.0
     with pytest.raises(ValueError, match="takes no gate or CacheConfig"):
         wgkv_jax.generate(model, prompts, policy="cascading", keep_ratio=0.5, cache=wgkv_jax.CacheConfig())
-    with pytest.raises(ValueError, match="cannot be prefilled for reuse"):
-        wgkv_jax.prefill_context(model, prompts[0], policy="cascading", keep_ratio=0.5)
+
+
+def test_a_cascading_context_serves_prompts_and_scores_continuations():
+    """prefill_context(policy=Cascading): continuing it == the full cache on context + prompt
+    (while the cache holds everything), it stays intact, and context_logprobs == the dense forward."""
+    cfg = TINY_LLAMA
+    model = wgkv_jax.Model(config=cfg, params=init_params(cfg, jax.random.PRNGKey(4)))
+    rng = np.random.default_rng(1)
+    ctx_ids, q_ids = rng.integers(1, cfg.vocab_size, 50).tolist(), rng.integers(1, cfg.vocab_size, 9).tolist()
+    ctx = wgkv_jax.prefill_context(model, ctx_ids, policy=policies.Cascading(budget=policies.Tokens(100)))
+    assert ctx.cascade.capacity == 100 and ctx.stats.kind == "cascading" and ctx.length == 50
+    before = jax.tree.map(np.asarray, ctx.state)
+    full = wgkv_jax.generate(model, [ctx_ids + q_ids], max_new_tokens=5)
+    for _ in range(2):  # the context is reused unchanged
+        out = wgkv_jax.generate(model, [q_ids], context=ctx, max_new_tokens=5)
+        assert out.tokens == full.tokens
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(ctx.state), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    logp = wgkv_jax.context_logprobs(model, ctx, q_ids)
+    dense = np.asarray(jax.nn.log_softmax(model.logits(np.asarray([ctx_ids + q_ids], np.int32))[0], axis=-1))
+    want = dense[np.arange(50, 58), np.asarray(q_ids[1:])]
+    np.testing.assert_allclose(logp, want, atol=1e-4)
 
 
 def test_harness_accepts_cascading_but_not_with_the_gate():
     cfg = EvalConfig(tasks=("niah", "ppl"), lengths=(512,), methods=("full", "cascading"), keep_ratios=(0.25,))
-    assert cfg.cells() == [("niah", 512, "full", None), ("niah", 512, "cascading", 0.25), ("ppl", 512, "full", None)]
+    assert cfg.cells() == [
+        ("niah", 512, "full", None), ("niah", 512, "cascading", 0.25),
+        ("ppl", 512, "full", None), ("ppl", 512, "cascading", 0.25),
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="does not compose with the gate"):
         EvalConfig(methods=("wgkv+cascading",))

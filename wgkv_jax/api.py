@@ -307,10 +307,12 @@ def generate(
             raise ValueError(
                 "a prefilled context continues raw text: pass chat=False and put the template in the texts"
             )
-        tok = model._require_tokenizer()
         results = []
         for p in prompts:
-            ids = tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(map(int, p))
+            if isinstance(p, str):
+                ids = model._require_tokenizer().encode(p, add_special_tokens=False)
+            else:
+                ids = list(map(int, p))
             kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
             results.append(_generate_ids_api(model, [ids], max_new_tokens, attention_impl, kw, {"context": context}))
         return GenerationResult(
@@ -356,13 +358,12 @@ def prefill_context(
     `room`: store slots kept free for each continuation's admitted tokens (question + answer).
     The admission, cache settings and policy are those of `generate`.
     """
-    if policy == "cascading" or isinstance(policy, policies.Cascading):
-        raise ValueError("prefill_context keeps a dual cache; a Cascading cache cannot be prefilled for reuse yet")
     if isinstance(context, str):
         ids = model._require_tokenizer().encode(context)
     else:
         ids = list(map(int, context))
-    dual = _dual_settings(model, gate, cache or CacheConfig(), policy, keep_ratio)
+    cascading = policy == "cascading" or isinstance(policy, policies.Cascading)
+    dual = _dual_settings(model, gate, cache if cascading else cache or CacheConfig(), policy, keep_ratio)
     if dual.get("read_policy") is not None:
         raise ValueError("Quest selects pages per query at read time; it cannot compress a context")
     _, _, stats = generate_ids(
@@ -372,10 +373,11 @@ def prefill_context(
     return PrefilledContext(
         state=stats["cache_state"],
         length=len(ids),
-        cache=dual["cache"],
-        admission=dual["admission"],
-        gate_params=dual["gate_params"],
+        cache=dual.get("cache"),
+        admission=dual.get("admission"),
+        gate_params=dual.get("gate_params"),
         stats=stats["cache"],
+        cascade=stats.get("cascade"),
     )
 
 

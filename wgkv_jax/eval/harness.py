@@ -26,8 +26,7 @@ Methods (`METHODS`; "<policy>" is any name of `wgkv_jax.policies.available()`):
 Task "ppl" scores no answer: its cell is the perplexity of the last `PPL_SCORED` tokens of a real
 text after the method prefilled and compressed the rest (`prefill_context`, then the tokens are
 teacher-forced through that cache by `context_logprobs`); "full" is then the dual cache keeping
-every entry, which equals the full cache. Quest (pages selected at decode) and Cascading (its
-cache cannot be prefilled for reuse yet) have no ppl cell.
+every entry, which equals the full cache. Quest has no ppl cell (it selects pages at decode).
 
 Cells are appended to `cells.jsonl` in the output folder as they finish and skipped when the same
 settings are asked again, so an interrupted matrix resumes where it stopped. Everything is greedy
@@ -96,8 +95,8 @@ class EvalConfig:
         for n in self.lengths:
             for task in self.tasks:
                 for m in self.methods:
-                    if task == "ppl" and m in ("quest", "cascading"):
-                        continue  # Quest selects pages at decode; a Cascading context cannot be prefilled for reuse
+                    if task == "ppl" and m == "quest":
+                        continue  # Quest selects pages for decode queries; a scored continuation is prefilled
                     ratios = [None] if m in ("full", "wgkv") or m.startswith("wgkv@") else self.keep_ratios
                     out.extend((task, n, m, r) for r in ratios)
         return out

@@ -28,7 +28,7 @@ import numpy as np
 from wgkv_jax import policies, sharding
 from wgkv_jax.cache import evict
 from wgkv_jax.cache.admission import Admission
-from wgkv_jax.cache.cascading import CascadeAttend, CascadingCache
+from wgkv_jax.cache.cascading import CascadeAttend, CascadeConfig, CascadingCache
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
 from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
@@ -298,6 +298,8 @@ def generate_ids(
         if len(prompts) != 1 or policy is not None or cache is not None:
             raise ValueError("a prefilled context takes one prompt at a time, and no new cache or policy")
         cache, admission, gate_params = context.cache, context.admission, context.gate_params
+        if context.cascade is not None:  # a Cascading context: its own cache, no dual-cache settings
+            cascading = True
     kvzip = False if cascading else _check_policy(policy, kvzip_prompt_ids)
     if read_policy is not None:
         if cache is None:
@@ -331,9 +333,16 @@ def generate_ids(
 
     t0 = time.perf_counter()
     if cascading:
-        ccfg = policy.cache_config(longest)
+        ccfg = context.cascade if context is not None else policy.cache_config(longest)
         attend, stop_on_evict = CascadeAttend(ccfg, cfg), False
-        first_b, state, shape_info = _prefill_cascading(params, cfg, ccfg, prompts, attend, key, sampling, put, dtype)
+        if context is not None:
+            first_b, state, shape_info = _continue_context(
+                params, cfg, context, prompts[0], attend, jax.random.fold_in(key, 0), sampling, put
+            )
+        else:
+            first_b, state, shape_info = _prefill_cascading(
+                params, cfg, ccfg, prompts, attend, key, sampling, put, dtype
+            )
     elif cache is None:
         t_bucket = min(prompt_bucket(longest), cfg.max_seq_len)
         size = cache_bucket(t_bucket + max_new_tokens)
@@ -434,7 +443,7 @@ def _prefill_cascading(params, cfg, ccfg, prompts, attend, key, sampling, put, d
             put(pos_bt[:, c : c + chunk], ("batch", "seq")), jax.random.fold_in(key, 0), sampling, attend,
         )  # fmt: skip
     info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": ccfg.capacity, "window": ccfg.window}
-    return first_b, state, info
+    return first_b, state, dict(info, cascade=ccfg)
 
 
 def _prefill_dual(
@@ -494,21 +503,23 @@ def _prefill_dual(
 class PrefilledContext:
     """A context prefilled (and compressed by a policy) once, to be continued by several prompts
     (KVzip's query-agnostic use): `wgkv_jax.prefill_context` makes one, `generate(context=...)`
-    continues it on a copy. length: the context's tokens (row 0 of `state`)."""
+    continues it on a copy. length: the context's tokens (row 0 of `state`). A Cascading context
+    holds a `CascadingCache` and its `cascade` config instead of the dual-cache settings."""
 
-    state: DualCache
+    state: DualCache | CascadingCache
     length: int
-    cache: CacheConfig
-    admission: Admission
+    cache: CacheConfig | None
+    admission: Admission | None
     gate_params: object = None
     stats: CacheStats | None = None
+    cascade: CascadeConfig | None = None
 
 
 def _context_pieces(context: PrefilledContext, ids, put):
     """A copy of the context's cache and the (tokens, positions) pieces that continue it: unpadded
     pieces that fit the ring's spare slots."""
     state = jax.tree.map(jnp.copy, context.state)  # the caller's context stays intact (donation below)
-    spare = state.ring_size - state.window
+    spare = CASCADE_STRIDE if context.cascade is not None else state.ring_size - state.window
     pieces = []
     for c in range(0, len(ids), spare):
         piece = np.asarray([ids[c : c + spare]], np.int32)
@@ -522,7 +533,10 @@ def _continue_context(params, cfg, context: PrefilledContext, ids, prefill_atten
     state, pieces = _context_pieces(context, ids, put)
     for _, piece, pos in pieces:
         first_b, state = prefill_chunk(params, cfg, state, piece, pos, key, sampling, prefill_attend_)
-    info = {"context_tokens": context.length, "capacity": state.capacity, "window": state.window}
+    if context.cascade is not None:
+        info = {"context_tokens": context.length, "capacity": context.cascade.capacity, "cascade": context.cascade}
+    else:
+        info = {"context_tokens": context.length, "capacity": state.capacity, "window": state.window}
     return first_b, state, info
 
 
@@ -550,7 +564,10 @@ def context_logprobs(
         )
     put = _placer(mesh)
     params = with_gate(params, context.gate_params)
-    attend = DualAttend(context.admission, impl=dispatch.ragged_impl(attention_impl))
+    if context.cascade is not None:
+        attend = CascadeAttend(context.cascade, cfg)
+    else:
+        attend = DualAttend(context.admission, impl=dispatch.ragged_impl(attention_impl))
     state, pieces = _context_pieces(context, list(map(int, ids)), put)
     targets = np.asarray(ids[1:], np.int64)
     out = []
