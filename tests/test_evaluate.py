@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wgkv_jax.eval.harness import EvalConfig, markdown_table, pareto, summarize
+from wgkv_jax.eval.harness import EvalConfig, markdown_table, pareto, summarize, write_reports
 
 
 @pytest.mark.parametrize(
@@ -102,3 +102,5 @@ def test_ppl_cells_match_the_dense_forward(smollm2, tmp_path):
     assert cells["local"]["kv_ratio"] < 0.5 and np.isfinite(cells["local"]["ppl"])
     assert cells["local"]["ppl"] != pytest.approx(dense, rel=1e-3)
     assert "| method | measured KV ratio | ppl |" in markdown_table(summarize(list(cells.values())))
+    paths = write_reports(list(cells.values()), tmp_path)
+    assert (tmp_path / "ppl_vs_kv.png").stat().st_size > 0 and "ppl_plot" in paths

@@ -339,8 +339,22 @@ def markdown_table(summary: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _series(method: str) -> str:
+    """Plot series of a method: the WG-KV threshold sweep is one curve."""
+    return "wgkv (tau sweep)" if method == "wgkv" or method.startswith("wgkv@") else method
+
+
+def _plot_series(ax, rows, field: str, scale: float = 1.0) -> None:
+    """One line per method series through its (measured KV ratio, field) points."""
+    for method in sorted({_series(r["method"]) for r in rows}):
+        pts = sorted((r["kv_ratio"], r[field]) for r in rows if _series(r["method"]) == method)
+        style = "o-" if method.startswith("wgkv") else "s--" if method in ("full", "local") else "^:"
+        ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], style, label=method, ms=6)
+
+
 def write_reports(records: Sequence[dict], out_dir: str | Path, *, title: str = "") -> dict:
-    """results.json, table.md, accuracy_vs_kv.png and (when a gate ran) admission.png in out_dir."""
+    """results.json, table.md, accuracy_vs_kv.png, ppl_vs_kv.png (with ppl cells) and (when a gate
+    ran) admission.png in out_dir."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,48 +364,63 @@ def write_reports(records: Sequence[dict], out_dir: str | Path, *, title: str = 
     summary = summarize(records)
     (out_dir / "results.json").write_text(json.dumps({"summary": summary, "cells": list(records)}, indent=1))
     (out_dir / "table.md").write_text((f"## {title}\n\n" if title else "") + markdown_table(summary))
-    lengths = sorted({r["length"] for r in summary})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
-    for ax, n in zip(axes[0], lengths, strict=True):
-        rows = [r for r in summary if r["length"] == n and r["method"] != "quest" and r["mean_accuracy"] is not None]
-        series = lambda m: "wgkv (tau sweep)" if m.startswith("wgkv@") or m == "wgkv" else m  # noqa: E731
-        for method in sorted({series(r["method"]) for r in rows}):
-            pts = sorted((r["kv_ratio"], r["mean_accuracy"]) for r in rows if series(r["method"]) == method)
-            style = "o-" if method.startswith("wgkv") else "s--" if method in ("full", "local") else "^:"
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=method, ms=6)
-        base = [
-            (r["kv_ratio"], r["mean_accuracy"])
-            for r in rows
-            if r["method"] not in ("full",) and not r["method"].startswith("wgkv")
-        ]
-        front = pareto(base)
-        if front:
-            ax.step(
-                [p[0] for p in front],
-                [100 * p[1] for p in front],
-                "k-",
-                where="post",
-                alpha=0.3,
-                lw=4,
-                label="eviction-only Pareto front",
+    paths = {"results": str(out_dir / "results.json"), "table": str(out_dir / "table.md")}
+    acc_rows = [r for r in summary if r["mean_accuracy"] is not None]
+    if acc_rows:
+        lengths = sorted({r["length"] for r in acc_rows})
+        fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+        for ax, n in zip(axes[0], lengths, strict=True):
+            rows = [r for r in acc_rows if r["length"] == n and r["method"] != "quest"]
+            _plot_series(ax, rows, "mean_accuracy", scale=100)
+            base = [
+                (r["kv_ratio"], r["mean_accuracy"])
+                for r in rows
+                if r["method"] not in ("full",) and not r["method"].startswith("wgkv")
+            ]
+            front = pareto(base)
+            if front:
+                front.append((1.05, front[-1][1]))  # the front holds to the right edge
+                ax.step(
+                    [p[0] for p in front],
+                    [100 * p[1] for p in front],
+                    "k-",
+                    where="post",
+                    alpha=0.3,
+                    lw=4,
+                    label="eviction-only Pareto front",
+                )
+            ax.set(
+                xlabel="measured KV ratio (kept / full)",
+                ylabel="mean accuracy (%)",
+                title=f"{title} {n} tokens".strip(),
+                xlim=(0, 1.05),
+                ylim=(-2, 102),
             )
-        ax.set(
-            xlabel="measured KV ratio (kept / full)",
-            ylabel="mean accuracy (%)",
-            title=f"{title} {n} tokens".strip(),
-            xlim=(0, 1.05),
-            ylim=(-2, 102),
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_kv.png", dpi=120)
-    plt.close(fig)
-    paths = {
-        "results": str(out_dir / "results.json"),
-        "table": str(out_dir / "table.md"),
-        "plot": str(out_dir / "accuracy_vs_kv.png"),
-    }
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out_dir / "accuracy_vs_kv.png", dpi=120)
+        plt.close(fig)
+        paths["plot"] = str(out_dir / "accuracy_vs_kv.png")
+    ppl_rows = [r for r in summary if r.get("ppl") is not None]
+    if ppl_rows:
+        lengths = sorted({r["length"] for r in ppl_rows})
+        fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+        for ax, n in zip(axes[0], lengths, strict=True):
+            _plot_series(ax, [r for r in ppl_rows if r["length"] == n], "ppl")
+            ax.set(
+                xlabel="measured KV ratio (kept / full)",
+                ylabel=f"perplexity of the last {PPL_SCORED} tokens",
+                yscale="log",
+                title=f"{title} {n} tokens".strip(),
+                xlim=(0, 1.05),
+            )
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(out_dir / "ppl_vs_kv.png", dpi=120)
+        plt.close(fig)
+        paths["ppl_plot"] = str(out_dir / "ppl_vs_kv.png")
     gate = [r for r in records if r["method"] == "wgkv" and "stored_per_layer_head" in r]
     if gate:
         heat = np.mean([np.asarray(r["stored_per_layer_head"]) for r in gate], axis=0)  # [L, K]
