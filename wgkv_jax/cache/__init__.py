@@ -1,8 +1,10 @@
-"""KV caches: the plain full cache and the WG-KV dual cache (local ring + global store)."""
+"""KV caches: the plain full cache, the WG-KV dual cache (local ring + global store), its per-layer
+form after a ragged eviction, and the Cascading KV cache (`wgkv_jax.cache.cascading`)."""
 
 from wgkv_jax.cache.admission import Admission, FixedAdmission, GateAdmission
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache, parts_attention
 from wgkv_jax.cache.full import KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.per_layer import PerLayerAttend, PerLayerCache
 from wgkv_jax.cache.reference import ReferenceAttend, admission_mask, reference_logits
 
 __all__ = [
@@ -14,6 +16,8 @@ __all__ = [
     "FixedAdmission",
     "GateAdmission",
     "KVCache",
+    "PerLayerAttend",
+    "PerLayerCache",
     "ReferenceAttend",
     "admission_mask",
     "decode_attend",

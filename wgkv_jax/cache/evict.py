@@ -41,6 +41,7 @@ import numpy as np
 from wgkv_jax import policies as P
 from wgkv_jax.attention.reference import NEG_INF
 from wgkv_jax.cache.dual import DualAttend, DualCache
+from wgkv_jax.cache.per_layer import PerLayerCache
 from wgkv_jax.policies.budgets import KeepRatio, Threshold, Tokens
 from wgkv_jax.policies.scores import visible
 
@@ -242,15 +243,26 @@ def compact_store(cache: DualCache, keep_lbkc, c_out: int) -> DualCache:
     return dataclasses.replace(cache, glob_k=k, glob_v=v, glob_pos=pos, glob_score=score, length=length)
 
 
-def evict(cache: DualCache, score_lbkc, policy, *, room: int, align: int = 16) -> tuple[DualCache, np.ndarray]:
+def evict(
+    cache: DualCache, score_lbkc, policy, *, room: int, align: int = 16, per_layer: bool = False
+) -> tuple[DualCache | PerLayerCache, np.ndarray]:
     """Apply `policy`'s budget to the store and compact it (one host sync for the ragged count).
 
     The new capacity is the largest per-head kept count plus `room` slots for the tokens decode
-    will admit, rounded up to `align`. Returns (cache, entries dropped per layer [L]).
+    will admit, rounded up to `align`: over the whole cache, or with `per_layer` over each layer
+    (a `PerLayerCache`, for unrolled layers: a ragged budget's savings across layers are real).
+    Returns (cache, entries dropped per layer [L]).
     """
     keep = store_keep(cache, score_lbkc, policy.budget, isinstance(policy, P.Chain))
     kept_lbk = np.asarray(jnp.sum(keep, axis=-1))
     before_lbk = np.asarray(cache.length)
-    c_out = max(int(kept_lbk.max()) + room, 1)
-    c_out = -(-c_out // align) * align
-    return compact_store(cache, keep, c_out), (before_lbk - kept_lbk).sum(axis=(1, 2))
+    dropped_l = (before_lbk - kept_lbk).sum(axis=(1, 2))
+
+    def size(kept: int) -> int:
+        return -(-max(kept + room, 1) // align) * align
+
+    if not per_layer:
+        return compact_store(cache, keep, size(int(kept_lbk.max()))), dropped_l
+    layers = PerLayerCache.split(cache).layers
+    out = tuple(compact_store(one, keep[i : i + 1], size(int(kept_lbk[i].max()))) for i, one in enumerate(layers))
+    return PerLayerCache(out), dropped_l

@@ -31,6 +31,7 @@ from wgkv_jax.cache.admission import Admission
 from wgkv_jax.cache.cascading import CascadeAttend, CascadeConfig, CascadingCache
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
 from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.per_layer import PerLayerCache, wrap_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
 from wgkv_jax.kernels import dispatch
 from wgkv_jax.model.config import ModelConfig
@@ -374,6 +375,7 @@ def generate_ids(
                 params, cfg, cache, prompts, policy, kvzip, kvzip_prompt_ids, read_policy, prefill_attend_, key,
                 sampling, put, dtype, max_new_tokens if room is None else room, max_new_tokens, stop_on_evict,
             )  # fmt: skip
+    attend = wrap_attend(attend, state)  # a capacity per layer after a ragged eviction (unrolled layers)
     first_b.block_until_ready()
     t1 = time.perf_counter()
     if on_token is None:
@@ -494,8 +496,11 @@ def _prefill_dual(
             state, scores = evict.kvzip_pass(
                 params, cfg, state, [list(p) for p in prompts], policy, first_ids=first, next_ids=nxt, put=put
             )
-        state, dropped_l = evict.evict(state, scores, policy, room=room)
+        per_layer = isinstance(params["layers"], list | tuple)  # unrolled: each layer keeps its own capacity
+        state, dropped_l = evict.evict(state, scores, policy, room=room, per_layer=per_layer)
         shape_info.update(policy=policy, policy_dropped=dropped_l, capacity=state.capacity)
+        if per_layer:
+            shape_info["capacities"] = state.capacities
     return first_b, state, shape_info
 
 
@@ -506,7 +511,7 @@ class PrefilledContext:
     continues it on a copy. length: the context's tokens (row 0 of `state`). A Cascading context
     holds a `CascadingCache` and its `cascade` config instead of the dual-cache settings."""
 
-    state: DualCache | CascadingCache
+    state: DualCache | PerLayerCache | CascadingCache
     length: int
     cache: CacheConfig | None
     admission: Admission | None
@@ -531,6 +536,7 @@ def _context_pieces(context: PrefilledContext, ids, put):
 def _continue_context(params, cfg, context: PrefilledContext, ids, prefill_attend_, key, sampling, put):
     """Prefill `ids` after the context (on a copy of its cache)."""
     state, pieces = _context_pieces(context, ids, put)
+    prefill_attend_ = wrap_attend(prefill_attend_, state)
     for _, piece, pos in pieces:
         first_b, state = prefill_chunk(params, cfg, state, piece, pos, key, sampling, prefill_attend_)
     if context.cascade is not None:
@@ -569,6 +575,7 @@ def context_logprobs(
     else:
         attend = DualAttend(context.admission, impl=dispatch.ragged_impl(attention_impl))
     state, pieces = _context_pieces(context, list(map(int, ids)), put)
+    attend = wrap_attend(attend, state)
     targets = np.asarray(ids[1:], np.int64)
     out = []
     for c, piece, pos in pieces:
@@ -646,7 +653,7 @@ def _raise_on_overflow(state: DualCache, capacity: int, phase: str) -> None:
 def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=None) -> CacheStats:
     """Accounting of a full or dual cache after `seen_b[b]` tokens of row b went through the model
     (`policy_dropped_l`: entries an eviction policy removed from the store, per layer)."""
-    itemsize = state.ring_k.dtype.itemsize if isinstance(state, DualCache) else state.k.dtype.itemsize
+    itemsize = state.ring_k.dtype.itemsize if isinstance(state, DualCache | PerLayerCache) else state.k.dtype.itemsize
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
     full_entries = int(seen_b.sum()) * cfg.n_layers * cfg.n_kv_heads
     if isinstance(state, CascadingCache):
