@@ -3,6 +3,7 @@
     python benchmarks/policies.py --out results/policies_cpu.json                   # SmolLM2, CPU
     python benchmarks/policies.py --lengths 2048,8192 --out results/policies_h100.json   # on a GPU
     python benchmarks/policies.py --preset llama-3.1-8b --lengths 8192 --out ...   # random weights
+    python benchmarks/policies.py --layers unrolled --policies kvzip --out ...     # capacity per layer
 
 For every context length, `generate_ids(..., max_new_tokens=1)` runs the dual cache (admission
 "all", so every policy scores the whole prompt) without a policy and with each policy; its
@@ -44,7 +45,15 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--policies", default=",".join(SETTINGS))
+    ap.add_argument(
+        "--layers", choices=("stacked", "unrolled"), default="stacked",
+        help="unrolled: a ragged budget compacts each layer's store to its own capacity (PerLayerCache)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    names = args.policies.split(",")
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:  # before the (slow) model load
+        ap.error(f"unknown --policies {unknown}; choose from {list(SETTINGS)}")
 
     import wgkv_jax
     from wgkv_jax import policies as P
@@ -66,10 +75,10 @@ def main(argv=None) -> int:
         cfg, tok = PRESETS[args.preset], None
         params = random_params(cfg)
         first, nxt = list(range(10, 20)), list(range(20, 35))
-    names = args.policies.split(",")
-    unknown = sorted(set(names) - set(SETTINGS))
-    if unknown:
-        ap.error(f"unknown --policies {unknown}; choose from {list(SETTINGS)}")
+    if args.layers == "unrolled":
+        from wgkv_jax.model.transformer import unstack_tree
+
+        params = dict(params, layers=unstack_tree(params["layers"], cfg.n_layers))
     if "none" not in names:
         names.insert(0, "none")  # the baseline every overhead is measured against
     rows = []
@@ -103,6 +112,7 @@ def main(argv=None) -> int:
                 "kv_ratio": s.kv_ratio,
                 "kv_bytes": s.allocated_bytes,
                 "capacity": s.capacity,
+                "capacities": list(stats.get("capacities", ())),
                 "policy_evicted": s.policy_evicted,
             }
             rows.append(row)
