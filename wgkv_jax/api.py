@@ -395,6 +395,19 @@ def context_logprobs(
     return _context_logprobs(model.params, model.config, context, ids, attention_impl=attention_impl, mesh=model.mesh)
 
 
+def kvzip_head_scores(model: Model, texts: Sequence[str] | Sequence[Sequence[int]], *, window: int = 64):
+    """KVzip's head-level calibration on `model` (texts or token ids): [L, K] head scores for
+    `policies.KVzipHeads(head_scores=...)`, e.g. `policies.get("kvzip_heads", keep_ratio=0.6,
+    head_scores=wgkv_jax.kvzip_head_scores(model, [document]).tolist())`."""
+    tok = model._require_tokenizer()
+    ids = [tok.encode(t) if isinstance(t, str) else list(map(int, t)) for t in texts]
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    return evict.kvzip_head_scores(
+        model.params, model.config, ids, first_ids=enc(evict.KVZIP_FIRST), next_ids=enc(evict.KVZIP_NEXT),
+        window=window,
+    )  # fmt: skip
+
+
 def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
     """generate_ids keyword arguments of the dual cache (empty for the full cache)."""
     dual = {}

@@ -197,6 +197,34 @@ def kvzip_pass(params, cfg, cache: DualCache, prompts, policy: P.KVzip, *, first
     return cache, jnp.where(sink, jnp.inf, score)
 
 
+def kvzip_head_scores(params, cfg, texts, *, first_ids, next_ids, window: int = 64, chunk: int = 512, kvzip=None):
+    """KVzip's head-level calibration: [L, K] float64, each KV head's largest KVzip score over the
+    entries of each calibration text (sinks excluded), max-pooled over the texts (`texts`: token-id
+    lists). Every text is prefilled into a dual cache that keeps everything, then scored by the
+    repeat pass (`kvzip_pass`); feed the result to `policies.KVzipHeads(head_scores=...)`."""
+    from wgkv_jax.cache.admission import FixedAdmission
+    from wgkv_jax.cache.dual import CacheConfig
+    from wgkv_jax.infer.generate import generate_ids
+
+    kvzip = kvzip or P.KVzip(budget=P.Global(KeepRatio(1.0)))
+    if not texts or any(len(t) == 0 for t in texts):
+        raise ValueError("kvzip_head_scores needs at least one non-empty calibration text")
+    best = None
+    for ids in texts:
+        cache = CacheConfig(window=window, chunk=chunk, capacity_fraction=1.0)
+        _, _, stats = generate_ids(
+            params, cfg, [list(ids)], max_new_tokens=1, cache=cache, admission=FixedAdmission("all"),
+            return_cache=True,
+        )  # fmt: skip
+        state, score = kvzip_pass(
+            params, cfg, stats["cache_state"], [list(ids)], kvzip, first_ids=first_ids, next_ids=next_ids
+        )
+        scored = (jnp.arange(state.capacity) < state.length[..., None]) & (state.glob_pos >= kvzip.sinks)
+        head = np.asarray(jnp.max(jnp.where(scored, score, 0.0), axis=(1, 3)), np.float64)  # [L, K]
+        best = head if best is None else np.maximum(best, head)
+    return best
+
+
 # ----------------------------------------------------------------------------- budgets and eviction
 
 

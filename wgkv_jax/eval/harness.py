@@ -83,6 +83,11 @@ class EvalConfig:
                 raise ValueError(
                     f"unknown method {m!r}; choose from {list(FIXED)}, a policy {sorted(names)} or wgkv+<policy>"
                 )
+            if base == "kvzip_heads":
+                raise ValueError(
+                    f"{m}: KVzip's head-level mode needs calibrated head scores; run it from the Python API "
+                    "(wgkv_jax.kvzip_head_scores, then policy=policies.KVzipHeads(...))"
+                )
             if m == "wgkv+cascading":
                 raise ValueError("wgkv+cascading: Cascading is its own cache and does not compose with the gate")
         if not self.keep_ratios or any(not 0 < r <= 1 for r in self.keep_ratios):

@@ -475,7 +475,8 @@ def _prefill_dual(
     pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
     for c in range(0, t_bucket, chunk):
         chunk_attend, chunk_state = prefill_attend_, state
-        if policy is not None and not kvzip and c + chunk >= t_bucket:  # the last chunk scores the store
+        heads = isinstance(policy, policies.KVzipHeads)  # no scores at run time: whole heads kept or dropped
+        if policy is not None and not kvzip and not heads and c + chunk >= t_bucket:  # the last chunk scores
             chunk_attend = evict.ScoreAttend(prefill_attend_, policy)
             shape = state.glob_pos.shape
             zeros = put(lambda shape=shape: jnp.zeros(shape, jnp.float32), SCORE_AXES)
@@ -491,6 +492,8 @@ def _prefill_dual(
             _raise_on_overflow(state, capacity, "prefill")
     shape_info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": capacity, "window": w}
     if policy is not None:
+        if isinstance(policy, policies.KVzipHeads):
+            scores = policy.store_scores(jnp.arange(state.capacity) < state.length[..., None])
         if kvzip:
             first, nxt = kvzip_prompt_ids
             state, scores = evict.kvzip_pass(
@@ -612,6 +615,8 @@ def _check_policy(policy, kvzip_prompt_ids) -> bool:
     stages = policy.policies if isinstance(policy, policies.Chain) else (policy,)
     if isinstance(policy, policies.Chain) and policy.admission is not None:
         raise ValueError("a Chain's WriteGate is admission: pass it through wgkv_jax.generate (or as `admission`)")
+    if isinstance(policy, policies.Chain) and any(isinstance(s, policies.KVzipHeads) for s in stages):
+        raise ValueError("KVzipHeads keeps or drops whole heads; use it as the only eviction stage")
     if any(isinstance(s, policies.KVzip) for s in stages):
         if not isinstance(policy, policies.KVzip):
             raise ValueError("KVzip scores with its own repeat pass; use it as the only eviction stage")

@@ -397,6 +397,63 @@ class Chain(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class KVzipHeads(Policy):
+    """KVzip's context-independent head-level mode (Kim et al. 2025, section 2.3 of
+    reference/baselines.md): a head's score is the largest KVzip score it gave any context entry,
+    computed once offline on calibration texts (`wgkv_jax.cache.evict.kvzip_head_scores`, max-pooled
+    over the texts). At run time nothing is scored: the top floor(ratio * L * K) heads by that score
+    keep their whole store, every other head keeps only its local window (DuoAttention-like, with
+    a zero-length store). Ties go to the lower (layer, head) index. With unrolled layers, layers
+    whose heads are all dropped shrink to the room left for decode (`PerLayerCache`).
+
+    head_scores: [L][K] as nested tuples (hashable); ratio: the fraction of heads that keep their
+    store (the paper recommends 0.6).
+    """
+
+    name: ClassVar[str] = "kvzip_heads"
+    head_scores: tuple[tuple[float, ...], ...] = ()
+    ratio: float = 0.6
+    budget: Budget | None = None
+
+    def __post_init__(self):
+        scores = self.head_scores
+        if not scores or any(len(row) != len(scores[0]) or not row for row in scores):
+            raise ValueError(f"{self.name}: head_scores must be a non-empty [layers][kv_heads] table; got {scores!r}")
+        object.__setattr__(self, "head_scores", tuple(tuple(float(x) for x in row) for row in scores))
+        if isinstance(self.budget, KeepRatio):  # get("kvzip_heads", keep_ratio=r): r is the head ratio
+            object.__setattr__(self, "ratio", self.budget.ratio)
+        elif self.budget is not None and self.budget != Threshold(0.5):
+            raise ValueError(f"{self.name}: the budget is ratio= (a fraction of the heads); got budget {self.budget!r}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 < self.ratio <= 1:
+            raise ValueError(f"{self.name}: ratio={self.ratio!r} must be in (0, 1]")
+        object.__setattr__(self, "budget", Threshold(0.5))  # the 0/1 store scores below: keep the 1s
+
+    def kept_heads(self):
+        """Bool [L, K]: the heads that keep their store."""
+        import numpy as np
+
+        flat = np.asarray(self.head_scores, np.float64).ravel()
+        n = max(1, int(np.floor(self.ratio * flat.size + 1e-9)))
+        order = np.lexsort((np.arange(flat.size), -flat))  # highest first, ties to the lower index
+        keep = np.zeros(flat.size, bool)
+        keep[order[:n]] = True
+        return keep.reshape(len(self.head_scores), -1)
+
+    def store_scores(self, valid_lbkc):
+        """1 for the valid entries of kept heads, 0 for the others' (`budget` keeps the 1s)."""
+        keep_lk = jnp.asarray(self.kept_heads())
+        if keep_lk.shape != (valid_lbkc.shape[0], valid_lbkc.shape[2]):
+            raise ValueError(
+                f"{self.name}: head_scores are for {keep_lk.shape[0]} layers x {keep_lk.shape[1]} KV heads; "
+                f"this cache has {valid_lbkc.shape[0]} x {valid_lbkc.shape[2]}"
+            )
+        return jnp.where(valid_lbkc & keep_lk[:, None, :, None], 1.0, 0.0)
+
+    def score(self, *, pos, valid, k=None, v=None, q=None, q_pos=None):
+        raise ValueError(f"{self.name} keeps or drops whole heads of the store: it has no per-entry score")
+
+
+@dataclasses.dataclass(frozen=True)
 class Cascading:
     """Cascading KV cache (Willette et al., arXiv 2406.17808): an *admission* policy with its own
     cache, not a scorer over the dual cache's store. S sinks + C circular cascades of W slots;
@@ -445,6 +502,7 @@ POLICIES: dict[str, type[Policy]] = {
     H2O.name: H2O,
     Quest.name: Quest,
     KVzip.name: KVzip,
+    KVzipHeads.name: KVzipHeads,
     Cascading.name: Cascading,
 }
 
