@@ -401,11 +401,14 @@ def kvzip_head_scores(model: Model, texts: Sequence[str] | Sequence[Sequence[int
     head_scores=wgkv_jax.kvzip_head_scores(model, [document]).tolist())`."""
     tok = model._require_tokenizer()
     ids = [tok.encode(t) if isinstance(t, str) else list(map(int, t)) for t in texts]
-    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-    return evict.kvzip_head_scores(
-        model.params, model.config, ids, first_ids=enc(evict.KVZIP_FIRST), next_ids=enc(evict.KVZIP_NEXT),
-        window=window,
-    )  # fmt: skip
+    first, nxt = _kvzip_prompt_ids(model)
+    return evict.kvzip_head_scores(model.params, model.config, ids, first_ids=first, next_ids=nxt, window=window)
+
+
+def _kvzip_prompt_ids(model: Model) -> tuple[list[int], list[int]]:
+    """The token ids of KVzip's two repeat prompts for `model`'s tokenizer."""
+    tok = model._require_tokenizer()
+    return tuple(tok.encode(text, add_special_tokens=False) for text in (evict.KVZIP_FIRST, evict.KVZIP_NEXT))
 
 
 def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
@@ -429,9 +432,7 @@ def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
     elif policy is not None:
         dual["policy"] = policy
         if isinstance(policy, policies.KVzip):
-            tok_ = model._require_tokenizer()
-            enc = lambda text: tok_.encode(text, add_special_tokens=False)  # noqa: E731
-            dual["kvzip_prompt_ids"] = (enc(evict.KVZIP_FIRST), enc(evict.KVZIP_NEXT))
+            dual["kvzip_prompt_ids"] = _kvzip_prompt_ids(model)
     if gate is not None or cache is not None or policy is not None:
         g = load_gate(model, gate, tau=cache.tau if cache is not None else 0.1)
         if cache is None:

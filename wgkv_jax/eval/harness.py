@@ -209,10 +209,11 @@ def _ppl_cell(model, cfg: EvalConfig, n: int, method: str, ratio) -> dict:
     import wgkv_jax
 
     ctx_len = n - PPL_SCORED - 1
-    kw = _generate_kwargs(model, cfg, method, ratio, ctx_len)
     if method == "full":
-        kw = {"gate": "all", "cache": wgkv_jax.CacheConfig(window=_block(min(cfg.window or 256, ctx_len // 2)))}
-        kw["cache"] = dataclasses.replace(kw["cache"], capacity_fraction=1.0)
+        window = _block(min(cfg.window or 256, ctx_len // 2))
+        kw = {"gate": "all", "cache": wgkv_jax.CacheConfig(window=window, capacity_fraction=1.0)}
+    else:
+        kw = _generate_kwargs(model, cfg, method, ratio, ctx_len)
     nll, stats, t0 = [], [], time.perf_counter()
     for i in range(cfg.samples):
         task = make_task("ppl", model.tokenizer, n, seed=cfg.seed + i)

@@ -427,6 +427,15 @@ def generate_ids(
 CASCADE_STRIDE = 512
 
 
+def _left_pad(prompts, t_bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts left-padded to t_bucket: tokens [B, T] and positions [B, T] (negative on pads)."""
+    lengths_b = np.asarray([len(p) for p in prompts], np.int32)
+    tokens_bt = np.zeros((len(prompts), t_bucket), np.int32)
+    for i, p in enumerate(prompts):
+        tokens_bt[i, t_bucket - len(p) :] = p
+    return tokens_bt, np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
+
+
 def _prefill_cascading(params, cfg, ccfg, prompts, attend, key, sampling, put, dtype):
     """Strided prefill of left-padded prompts into a fresh cascading cache (section 4.5 of
     reference/baselines.md: each chunk attends to the cache and itself, then is pushed)."""
@@ -435,10 +444,7 @@ def _prefill_cascading(params, cfg, ccfg, prompts, attend, key, sampling, put, d
     t_bucket = prompt_bucket(int(lengths_b.max()))
     chunk = min(t_bucket, CASCADE_STRIDE)
     state = put(lambda: CascadingCache.zeros(cfg, batch, ccfg, dtype), CascadingCache.logical_axes())
-    tokens_bt = np.zeros((batch, t_bucket), np.int32)
-    for i, p in enumerate(prompts):
-        tokens_bt[i, t_bucket - len(p) :] = p
-    pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
+    tokens_bt, pos_bt = _left_pad(prompts, t_bucket)
     for c in range(0, t_bucket, chunk):
         first_b, state = prefill_chunk(
             params, cfg, state, put(tokens_bt[:, c : c + chunk], ("batch", "seq")),
@@ -455,7 +461,6 @@ def _prefill_dual(
     """Chunked prefill of left-padded prompts into a fresh dual cache, then the policy's eviction."""
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
-    lengths_b = np.asarray([len(p) for p in prompts], np.int32)
     t_bucket = prompt_bucket(longest)
     chunk = min(t_bucket, cache.chunk)
     w = cache.window
@@ -469,13 +474,10 @@ def _prefill_dual(
         lambda: DualCache.zeros(cfg, batch, w, capacity, dtype, chunk=chunk, defer=cache.defer_gating),
         DualCache.logical_axes(w),
     )
-    tokens_bt = np.zeros((batch, t_bucket), np.int32)
-    for i, p in enumerate(prompts):
-        tokens_bt[i, t_bucket - len(p) :] = p
-    pos_bt = np.arange(t_bucket, dtype=np.int32)[None, :] - (t_bucket - lengths_b)[:, None]
+    tokens_bt, pos_bt = _left_pad(prompts, t_bucket)
+    heads = isinstance(policy, policies.KVzipHeads)  # no scores at run time: whole heads kept or dropped
     for c in range(0, t_bucket, chunk):
         chunk_attend, chunk_state = prefill_attend_, state
-        heads = isinstance(policy, policies.KVzipHeads)  # no scores at run time: whole heads kept or dropped
         if policy is not None and not kvzip and not heads and c + chunk >= t_bucket:  # the last chunk scores
             chunk_attend = evict.ScoreAttend(prefill_attend_, policy)
             shape = state.glob_pos.shape
@@ -492,7 +494,7 @@ def _prefill_dual(
             _raise_on_overflow(state, capacity, "prefill")
     shape_info = {"prompt_bucket": t_bucket, "chunk": chunk, "capacity": capacity, "window": w}
     if policy is not None:
-        if isinstance(policy, policies.KVzipHeads):
+        if heads:
             scores = policy.store_scores(jnp.arange(state.capacity) < state.length[..., None])
         if kvzip:
             first, nxt = kvzip_prompt_ids
