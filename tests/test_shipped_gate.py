@@ -1,4 +1,4 @@
-"""The trained SmolLM2 gate shipped with the package, on held-out text (slow: real model)."""
+"""The trained gates shipped with the package, on held-out text (slow: real model)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,20 @@ def test_shipped_gate_beats_random_admission_at_equal_rate(smollm2, tmp_path):
     assert float(kv_ratio(admit, window)) < 0.5
     assert ppl_gate < ppl_rand
     assert ppl_gate < 1.05 * ppl_full
+
+
+def test_shipped_qwen_gate_matches_its_model_and_gates_in_range():
+    """The Qwen2.5-Coder-0.5B gate (trained on the GPU) loads against that architecture's shapes
+    (Qwen2.5-0.5B's: 24 layers, 2 KV heads, head_dim 64) and scores keys into [0, 1]."""
+    import jax
+
+    from configs.models import QWEN25_05B, SMOLLM2_135M
+
+    gate, params, meta = gates.load("qwen2.5-coder-0.5b", QWEN25_05B)
+    assert meta["config"]["model"] == "qwen2.5-coder-0.5b" and meta["config"]["lam"] == 0.32
+    assert meta["fingerprint"]["n_layers"] == QWEN25_05B.n_layers
+    k = jax.random.normal(jax.random.key(0), (2, 16, QWEN25_05B.n_kv_heads, QWEN25_05B.head_dim))
+    g = gate.apply({"params": jax.tree.map(lambda x: x[0], params)}, k, k, k)
+    assert g.shape == (2, QWEN25_05B.n_kv_heads, 16) and bool(jnp.all((g >= 0) & (g <= 1))) and float(jnp.std(g)) > 0
+    with pytest.raises(ValueError):
+        gates.load("qwen2.5-coder-0.5b", SMOLLM2_135M)  # 30 layers, 3 KV heads: refused, not misread

@@ -38,7 +38,11 @@ def init_stacked(gate: WriteGate, cfg: ModelConfig, key: jax.Array):
 
 
 # trained gates shipped with the package: model name -> file under wgkv_jax/assets/gates
-SHIPPED: dict[str, str] = {"smollm2-135m": "smollm2-135m-lambda0.16.safetensors"}
+SHIPPED: dict[str, str] = {
+    "smollm2-135m": "smollm2-135m-lambda0.16.safetensors",
+    # lambda 0.32, 2000 steps of the qwen25_coder_05b preset on an H100; admits ~47% of the tokens leaving the window
+    "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-lambda0.32.safetensors",
+}
 
 
 def load(name_or_path: str, cfg: ModelConfig):
