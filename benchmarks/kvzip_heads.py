@@ -8,7 +8,6 @@ answer needle prompts keeping the stores of a fraction of the heads (the policy 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
     import wgkv_jax
     from wgkv_jax import policies as P
     from wgkv_jax.eval import make_task, score
-    from wgkv_jax.infer.bench import log, machine
+    from wgkv_jax.infer.bench import log, machine, write_result
 
     model = wgkv_jax.load_model(args.model, layers="unrolled")  # a capacity per layer after eviction
     calib = make_task("ppl", model.tokenizer, args.calibration_tokens, seed=1000).prompt  # held-out essay text
@@ -67,9 +66,7 @@ def main(argv=None) -> int:
         "head_scores": heads.tolist(),
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    log(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

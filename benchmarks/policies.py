@@ -19,7 +19,6 @@ weights; KVzip's repeat prompts are then fixed ids).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     from wgkv_jax import policies as P
     from wgkv_jax.cache import evict
     from wgkv_jax.eval import make_needle_case
-    from wgkv_jax.infer.bench import log, machine
+    from wgkv_jax.infer.bench import log, machine, write_result
     from wgkv_jax.infer.generate import generate_ids
 
     if args.preset is None:
@@ -128,9 +127,7 @@ def main(argv=None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    log(f"wrote {args.out}")
+    write_result(args.out, out)
     return 0
 
 

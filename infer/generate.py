@@ -79,6 +79,9 @@ class GenerateArgs:
     room: int | None = None
     """With --policy: store slots left free for decode (default --max-new-tokens). 0 holds the store
     at the budget: tokens admitted during decode replace the lowest gate score."""
+    paged: int | None = None
+    """Page size (e.g. 32) of a paged global store: after the prompt, one page pool shared by all
+    layers and heads, so ragged per-head admission allocates only its pages (same tokens)."""
 
 
 def _cache_config(wgkv_jax, args: GenerateArgs, *, window: int):
@@ -172,6 +175,7 @@ def main(args: GenerateArgs) -> int:
             attention_impl=args.attention_impl,
             policy=policy,
             **({"room": args.room} if args.room is not None else {}),
+            **({"paged": args.paged} if args.paged is not None else {}),
             **dual,
         )
     except (ValueError, wgkv_jax.CapacityError) as e:

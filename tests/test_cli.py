@@ -76,3 +76,12 @@ def test_smollm2_preset_matches_gguf_metadata(smollm2):
     got = dataclasses.replace(smollm2.config, name=SMOLLM2_135M.name, rms_eps=SMOLLM2_135M.rms_eps)
     assert got == SMOLLM2_135M
     assert abs(smollm2.config.rms_eps - SMOLLM2_135M.rms_eps) < 1e-9
+
+
+@pytest.mark.slow
+def test_generate_cli_paged_store():
+    done = run_cli("--prompt", "The capital of France is", "--max-new-tokens", "8", "--no-chat", "--paged", "32")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "[dual cache] KV entries" in done.stderr
+    done = run_cli("--prompt", "The capital of France is", "--max-new-tokens", "2", "--no-chat", "--paged", "12")
+    assert done.returncode == 2 and "page=12: expected a power of two" in done.stderr

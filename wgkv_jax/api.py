@@ -272,6 +272,7 @@ def generate(
     keep_ratio: float | None = None,
     room: int | None = None,
     context: PrefilledContext | None = None,
+    paged: int | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts (texts or token-id lists) of any lengths.
 
@@ -295,6 +296,10 @@ def generate(
         (default: max_new_tokens, so nothing is evicted during decode). room=0 holds the store at
         the budget: each token admitted during decode then replaces the lowest gate score of its
         head (decode-time eviction once the budget is reached; counted in cache_stats.evicted).
+      paged: a page size (a power of two >= 16 for the GPU kernel, e.g. 32; alone it means the
+        shipped gate's dual cache): after the prompt, the dual cache's global store moves into one
+        page pool shared by all layers and heads (`wgkv_jax.cache.paged`), so ragged per-head
+        admission allocates only its pages; the tokens are those of the contiguous store.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -329,13 +334,17 @@ def generate(
         ids = [model.encode_prompt(p, chat=chat, system=system) for p in prompts]
     else:
         ids = [list(map(int, p)) for p in prompts]
-    dual = _dual_settings(model, gate, cache, policy, keep_ratio)
+    dual = _dual_settings(model, gate, cache, policy, keep_ratio, dual_default=paged is not None)
     if room is not None:
         if "policy" not in dual or isinstance(dual["policy"], policies.Cascading):
             raise ValueError(f"room={room} goes with an eviction policy on the dual cache (policy=...)")
         if room < 0:
             raise ValueError(f"room={room} must be >= 0 (store slots left free for decode)")
         dual["room"] = room
+    if paged is not None:
+        if "cache" not in dual:  # Cascading: its own cache
+            raise ValueError(f"paged={paged} pages the dual cache's global store; Cascading has no such store")
+        dual["paged"] = paged
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
     return _generate_ids_api(model, ids, max_new_tokens, attention_impl, kw, dual)
 
@@ -411,8 +420,9 @@ def _kvzip_prompt_ids(model: Model) -> tuple[list[int], list[int]]:
     return tuple(tok.encode(text, add_special_tokens=False) for text in (evict.KVZIP_FIRST, evict.KVZIP_NEXT))
 
 
-def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
-    """generate_ids keyword arguments of the dual cache (empty for the full cache)."""
+def _dual_settings(model: Model, gate, cache, policy, keep_ratio, *, dual_default: bool = False) -> dict:
+    """generate_ids keyword arguments of the dual cache (empty for the full cache, unless
+    `dual_default`: then the shipped gate's dual cache)."""
     dual = {}
     policy, gate_stage = _resolve_policy(policy, keep_ratio)
     if isinstance(policy, policies.Cascading):
@@ -433,7 +443,7 @@ def _dual_settings(model: Model, gate, cache, policy, keep_ratio) -> dict:
         dual["policy"] = policy
         if isinstance(policy, policies.KVzip):
             dual["kvzip_prompt_ids"] = _kvzip_prompt_ids(model)
-    if gate is not None or cache is not None or policy is not None:
+    if gate is not None or cache is not None or policy is not None or dual_default:
         g = load_gate(model, gate, tau=cache.tau if cache is not None else 0.1)
         if cache is None:
             cache = CacheConfig(window=g.window or CacheConfig.window)

@@ -167,6 +167,20 @@ class DualCache:
         """Allocated bytes of the K/V payload only (ring + global store)."""
         return self.ring_k.nbytes + self.ring_v.nbytes + self.glob_k.nbytes + self.glob_v.nbytes
 
+    def store_write(self, g_at, cand_k, cand_v, new_len, over):
+        """Write candidate K/V at store slots `g_at` (an index tuple; out-of-range slots are dropped).
+        Returns the updated store fields and the (new_len, over) counts, unchanged here; a paged
+        store (`cache.paged.PagedDualCache`) may refuse slots when its page pool is exhausted."""
+        fields = {
+            "glob_k": self.glob_k.at[g_at].set(cand_k, mode="drop"),
+            "glob_v": self.glob_v.at[g_at].set(cand_v, mode="drop"),
+        }
+        return fields, new_len, over
+
+    def store_kv(self, layer):
+        """The global store of one layer as contiguous [B, K, C, E] keys and values."""
+        return self.glob_k[layer], self.glob_v[layer]
+
     @staticmethod
     def logical_axes(window: int) -> DualCache:
         """Logical axis names of every buffer (a pytree of the same structure as a cache of `window`)."""
@@ -279,6 +293,10 @@ def _promote(cache: DualCache, leave_pos_bn, layer=None) -> tuple[DualCache, jax
         )
     dest_bkn, new_len, over = _slot_dest(sel(cache.length), sel(cache.glob_score), ok_bkn, cand_score)
     g_at = (ll, bb, kk, dest_bkn)
+    store, new_len_kept, over = cache.store_write(g_at, cand_k, cand_v, new_len, over)
+    if new_len_kept is not new_len:  # a paged pool without a free page: the slot is not taken
+        dest_bkn = jnp.where(dest_bkn >= new_len_kept[..., None], cache.capacity, dest_bkn)
+        g_at, new_len = (ll, bb, kk, dest_bkn), new_len_kept
     pos_bkn = jnp.broadcast_to(leave_pos_bn[:, None, :], ok_bkn.shape)
     if layer is None:
         length, evicted = new_len, cache.evicted + over
@@ -290,8 +308,7 @@ def _promote(cache: DualCache, leave_pos_bn, layer=None) -> tuple[DualCache, jax
         ring_v=ring[1],
         ring_admit=ring[2],
         ring_score=ring[3],
-        glob_k=cache.glob_k.at[g_at].set(cand_k, mode="drop"),
-        glob_v=cache.glob_v.at[g_at].set(cand_v, mode="drop"),
+        **store,
         glob_pos=cache.glob_pos.at[g_at].set(pos_bkn, mode="drop"),
         glob_score=cache.glob_score.at[g_at].set(cand_score, mode="drop"),
         length=length,
@@ -376,25 +393,35 @@ class DualAttend:
         n_ok = 0
         if not (t == 1 and self.batched_promotion):
             new, n_ok = _promote(new, c0_b[:, None] - w + jnp.arange(t)[None, :], layer)
-        glob_k, glob_v, glob_pos, new_len = new.glob_k, new.glob_v, new.glob_pos, new.length[layer]
+        glob_pos, new_len = new.glob_pos, new.length[layer]
+        gk_l, gv_l = new.store_kv(layer)  # [B, K, C, E] (a paged store gathers its pages)
 
         # 3. attention: in-window keys (i - j < W) from the ring, older ones from the global
         #    store, which now holds every admitted token that left the window
         impl = "reference" if self.read_policy is not None else self.impl
+        table = None  # the kernels index the stacked buffers by layer
+        stacked = (ring_k, ring_v, getattr(new, "glob_k", None), getattr(new, "glob_v", None), glob_pos, layer)
+        if not isinstance(new, DualCache):  # a paged store: the GPU kernel follows its page table
+            if impl.endswith("-tpu"):  # the TPU kernel reads this layer's gathered view
+                stacked = (ring_k[layer][None], ring_v[layer][None], gk_l[None], gv_l[None], glob_pos[layer][None], 0)
+            else:
+                stacked, table = (ring_k, ring_v, new.pool_k, new.pool_v, glob_pos, layer), new.table
         if impl != "reference":
             q_bkme = jnp.swapaxes(q_btkgd, 1, 2).reshape(b, k, -1, q_btkgd.shape[-1])
             if impl.endswith("-tpu"):
-                problem = ragged_tpu.unsupported_tpu(q_bkme, ring_k, glob_k)
+                problem = ragged_tpu.unsupported_tpu(q_bkme, ring_k, stacked[2])
+            elif table is not None:
+                problem = ragged.unsupported_paged(q_bkme, ring_k, stacked[2])
             else:
-                problem = ragged.unsupported(q_bkme, ring_k, glob_k, ragged.Tiling())
+                problem = ragged.unsupported(q_bkme, ring_k, stacked[2], ragged.Tiling())
             impl = dispatch.fallback(f"dual-cache Pallas attention: {problem}") if problem else impl
         if impl != "reference":
             # the entries stored before this chunk are older than every query's window: no position
             # check for them, unless this chunk's overflow put new entries into their slots
             open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
             out = ragged.attend_grouped(
-                q_btkgd, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, new_len, layer,
-                window=w, glob_lo=w, impl=impl, open_len_bk=open_len,
+                q_btkgd, pos_bt, *stacked[:5], new_len, stacked[5], window=w, glob_lo=w, impl=impl,
+                open_len_bk=open_len, table=table,
             )  # fmt: skip
             return out.astype(v_btke.dtype), new
         end_b = c0_b + t  # ring slot s holds position end - R + ((s - end) mod R)
@@ -406,15 +433,13 @@ class DualAttend:
         )
         if self.read_policy is not None:  # Quest: the pages whose key bounds promise the most
             live_bkc = jnp.arange(cap)[None, None, :] < new_len[..., None]
-            read_btkc = self.read_policy.keep(
-                pos=glob_pos[layer], valid=live_bkc, k=glob_k[layer], q=q_btkgd, q_pos=pos_bt
-            )
+            read_btkc = self.read_policy.keep(pos=glob_pos[layer], valid=live_bkc, k=gk_l, q=q_btkgd, q_pos=pos_bt)
             glob_mask = glob_mask & jnp.swapaxes(read_btkc, 1, 2)
         out = parts_attention(
             q_btkgd,
             [
                 (ring_k[layer], ring_v[layer], jnp.broadcast_to(ring_mask, (b, k, t, r))),
-                (glob_k[layer], glob_v[layer], glob_mask),
+                (gk_l, gv_l, glob_mask),
             ],
         )
         return out.astype(v_btke.dtype), new

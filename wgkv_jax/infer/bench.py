@@ -69,6 +69,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def write_result(path, result: dict) -> None:
+    """Write a benchmark's JSON (parent folders made) and say where."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    log(f"wrote {path}")
+
+
 def timing(fn, *args, repeats: int = 5, warmup: int = 1) -> dict:
     """Wall times of fn(*args), results blocked on: the first call in s (compile included), then
     the median and the minimum in ms of `repeats` calls after `warmup` more."""

@@ -27,10 +27,12 @@ import numpy as np
 
 from wgkv_jax import policies, sharding
 from wgkv_jax.cache import evict
+from wgkv_jax.cache import paged as paged_store
 from wgkv_jax.cache.admission import Admission
 from wgkv_jax.cache.cascading import CascadeAttend, CascadeConfig, CascadingCache
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
 from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.paged import PagedDualCache
 from wgkv_jax.cache.per_layer import PerLayerCache, wrap_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
 from wgkv_jax.kernels import dispatch
@@ -258,6 +260,7 @@ def generate_ids(
     return_cache: bool = False,
     room: int | None = None,
     context: PrefilledContext | None = None,
+    paged: int | None = None,
 ) -> tuple[list[list[int]], list[bool], dict]:
     """Generate from token-id prompts. Returns (new ids per row incl. EOS, finished flags, stats).
 
@@ -278,6 +281,9 @@ def generate_ids(
     `room`: store slots kept free for later tokens after a policy's eviction (default
     max_new_tokens). `context` (a `PrefilledContext`): the prompt (one row) continues that context
     (positions after it), on a copy of its cache; the context itself is left unchanged.
+    `paged` (a page size, e.g. 32): after the prompt, the global store moves into one page pool
+    shared by every layer and head (`wgkv_jax.cache.paged`), so ragged per-head lengths cost only
+    their pages; decoding gives the same tokens.
     """
     sampling = sampling or SamplingConfig()
     dispatch.check_impl(attention_impl)
@@ -295,6 +301,11 @@ def generate_ids(
         )
     if policy is not None and cache is None and not cascading:
         raise ValueError("an eviction policy runs on the dual cache; pass `cache` (CacheConfig) and `admission` too")
+    if paged is not None and (cache is None or context is not None or mesh is not None):
+        raise ValueError(
+            f"paged={paged}: the paged store is a dual-cache option for a fresh prompt on one device; "
+            "pass `cache` and `admission`, and no context or mesh"
+        )
     if context is not None:
         if len(prompts) != 1 or policy is not None or cache is not None:
             raise ValueError("a prefilled context takes one prompt at a time, and no new cache or policy")
@@ -375,6 +386,14 @@ def generate_ids(
                 params, cfg, cache, prompts, policy, kvzip, kvzip_prompt_ids, read_policy, prefill_attend_, key,
                 sampling, put, dtype, max_new_tokens if room is None else room, max_new_tokens, stop_on_evict,
             )  # fmt: skip
+        if paged is not None:
+            if isinstance(state, PerLayerCache):
+                raise ValueError(
+                    f"paged={paged}: this eviction left a capacity per layer (unrolled layers); the paged store "
+                    "takes the stacked cache: load the model with layers='scan', or drop `paged`"
+                )
+            state = paged_store.from_dual(state, page=paged, room=max_new_tokens)
+            shape_info.update(pages=state.pages, page=state.page)
     attend = wrap_attend(attend, state)  # a capacity per layer after a ragged eviction (unrolled layers)
     first_b.block_until_ready()
     t1 = time.perf_counter()
@@ -660,7 +679,8 @@ def _raise_on_overflow(state: DualCache, capacity: int, phase: str) -> None:
 def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=None) -> CacheStats:
     """Accounting of a full or dual cache after `seen_b[b]` tokens of row b went through the model
     (`policy_dropped_l`: entries an eviction policy removed from the store, per layer)."""
-    itemsize = state.ring_k.dtype.itemsize if isinstance(state, DualCache | PerLayerCache) else state.k.dtype.itemsize
+    dual = isinstance(state, DualCache | PerLayerCache | PagedDualCache)
+    itemsize = state.ring_k.dtype.itemsize if dual else state.k.dtype.itemsize
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
     full_entries = int(seen_b.sum()) * cfg.n_layers * cfg.n_kv_heads
     if isinstance(state, CascadingCache):

@@ -140,6 +140,7 @@ def _kernel(
     gk_ref,
     gv_ref,
     gpos_ref,
+    table_ref,
     o_ref,
     m_ref,
     l_ref,
@@ -205,8 +206,19 @@ def _kernel(
         carry = jax.lax.fori_loop(0, count, ring_body, carry)
 
     # global store: slots [0, n_open) are visible to every row (no mask, no position load);
-    # slots [n_open, glen) are checked against their positions
-    bk = _block(gk_ref.shape[3], tiling.block_k)
+    # slots [n_open, glen) are checked against their positions. A paged store (table_ref) keeps
+    # block i of this head in pool page table[layer, b, h, i]; its blocks are one page each.
+    if table_ref is None:
+        bk = _block(gk_ref.shape[3], tiling.block_k)
+
+        def kv_at(start):
+            return (layer, b, h, pl.ds(start, bk), slice(None))
+    else:
+        bk = gk_ref.shape[1]
+
+        def kv_at(start):
+            return (table_ref[layer, b, h, start // bk], slice(None), slice(None))
+
     glen = glen_ref[n]
     if gpos_ref is None:  # slot == position: causal block skipping
         glen = jnp.minimum(glen, qmax + 1 - glob_lo)
@@ -220,7 +232,7 @@ def _kernel(
         first, count = share(n_open_blocks)
 
         def open_body(i, carry):
-            at = (layer, b, h, pl.ds((first + i) * bk, bk), slice(None))
+            at = kv_at((first + i) * bk)
             return step(carry, gk_ref[at], gv_ref[at], None)
 
         carry = jax.lax.fori_loop(0, count, open_body, carry)
@@ -234,8 +246,8 @@ def _kernel(
         at = (layer, b, h, pl.ds(start, bk))
         pos = slot if gpos_ref is None else plgpu.load(gpos_ref.at[at], mask=live, other=0)
         ok = (qpos[:, None] - pos[None, :] >= glob_lo) & live[None, :]
-        k = plgpu.load(gk_ref.at[(*at, slice(None))], mask=live[:, None], other=0.0)
-        v = plgpu.load(gv_ref.at[(*at, slice(None))], mask=live[:, None], other=0.0)
+        k = plgpu.load(gk_ref.at[kv_at(start)], mask=live[:, None], other=0.0)
+        v = plgpu.load(gv_ref.at[kv_at(start)], mask=live[:, None], other=0.0)
         return step(carry, k, v, ok)
 
     acc, mx, sm = jax.lax.fori_loop(0, count, glob_body, carry)
@@ -294,8 +306,13 @@ def ragged_attention(
     open_len_bk=None,
     skip_open: bool = False,
     return_lse: bool = False,
+    table=None,
 ):
     """The Pallas kernel; same signature and result as `ragged_attention_reference`.
+
+    `table` [L, B, K, C / page] (a paged store, `cache.paged`): glob_k / glob_v are page pools
+    [P, page, E] and the kernel reads each head's blocks through the table (one page per key
+    block; `paged_reference` is the oracle).
 
     open_len_bk [B, K]: the first global slots of each head that every query row may see (no
     position check: for a dual-cache chunk, the entries stored before it). With `skip_open`
@@ -303,9 +320,12 @@ def ragged_attention(
     Needs the ring size and the capacity to be multiples of 16 (see `unsupported`).
     """
     b, k, m, e = q_bkme.shape
+    cap = glob_k.shape[3] if table is None else table.shape[-1] * glob_k.shape[1]
     if tiling is None:
-        tiling = decode_tiling(m, b * k, glob_k.shape[3]) if m <= 64 else prefill_tiling(m)
-    problem = unsupported(q_bkme, ring_k, glob_k, tiling)
+        tiling = decode_tiling(m, b * k, cap) if m <= 64 else prefill_tiling(m)
+    problem = (
+        unsupported(q_bkme, ring_k, glob_k, tiling) if table is None else unsupported_paged(q_bkme, ring_k, glob_k)
+    )
     if problem:
         raise ValueError(problem)
     bm, s = tiling.block_m, tiling.splits
@@ -345,6 +365,7 @@ def ragged_attention(
             full(glob_k),
             full(glob_v),
             full(glob_pos),
+            full(table),
         ],
         out_specs=[
             pl.BlockSpec((None, None, bm, e), lambda n, i, j: (n, j, i, 0)),
@@ -371,6 +392,7 @@ def ragged_attention(
         glob_k,
         glob_v,
         glob_pos,
+        None if table is None else table.astype(jnp.int32),
     )
     o, lse = merge(acc, mx, sm)
     o = o[:, :m].reshape(b, k, m, e)
@@ -389,9 +411,37 @@ def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
     return None
 
 
+def unsupported_paged(q_bkme, ring_k, pool_k) -> str | None:
+    """Why the kernel cannot read this page pool (None if it can)."""
+    e, page = q_bkme.shape[-1], pool_k.shape[1]
+    if e < 16 or e & (e - 1):
+        return f"head_dim {e} is not a power of two >= 16"
+    if page < 16 or page & (page - 1):
+        return f"page size {page} is not a power of two >= 16 (the kernel reads one page per key block)"
+    if ring_k is not None and ring_k.shape[3] % 16:
+        return f"ring size {ring_k.shape[3]} is not a multiple of 16"
+    return None
+
+
+def paged_reference(q_bkme, q_pos_bm, ring_k, ring_v, ring_end_b, pool_k, pool_v, glob_pos, glob_len_bk, layer, *,
+                    window, glob_lo, table):  # fmt: skip
+    """The paged oracle: gather the layer's pages into a contiguous store, then the dense reference."""
+    ids = table[layer]
+    ids = jnp.where(ids < 0, pool_k.shape[0] - 1, ids)  # unallocated blocks: the (zero) sentinel page
+    b, k, n = ids.shape
+    shape = (1, b, k, n * pool_k.shape[1], pool_k.shape[-1])
+    gk, gv = pool_k[ids].reshape(shape), pool_v[ids].reshape(shape)
+    rk = None if ring_k is None else ring_k[layer][None]
+    rv = None if ring_v is None else ring_v[layer][None]
+    gpos = None if glob_pos is None else glob_pos[layer][None]
+    return ragged_attention_reference(
+        q_bkme, q_pos_bm, rk, rv, ring_end_b, gk, gv, gpos, glob_len_bk, 0, window=window, glob_lo=glob_lo
+    )
+
+
 def attend_grouped(
     q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer, *, window, glob_lo, impl,
-    open_len_bk=None, tiling=None,
+    open_len_bk=None, tiling=None, table=None,
 ):  # fmt: skip
     """Attention of a chunk over a cache, on the model's layout; returns [B, T, K, G, E] float32.
 
@@ -401,9 +451,12 @@ def attend_grouped(
     with per-head key lengths, the ring and the rest through the kernel, merged by log-sum-exp);
     "interpret-xla" (the same split on CPU, XLA in place of cuDNN; for tests); "pallas-tpu" /
     "interpret-tpu" (the Mosaic TPU kernel of `ragged_tpu`, compiled / in TPU interpret mode). `tiling` overrides
-    the kernel's default tiles (`decode_tiling` / `prefill_tiling`).
+    the kernel's default tiles (`decode_tiling` / `prefill_tiling`). `table`: glob_k / glob_v are
+    the page pools of a paged store read through this page table (GPU kernel or reference; not TPU).
     """
     b, t, k, g, e = q_btkge.shape
+    if table is not None and impl.endswith("-tpu"):
+        raise ValueError(f"impl={impl!r}: the TPU kernel does not read a paged store; pass its gathered view")
     if impl in ("pallas-tpu", "interpret-tpu"):
         return ragged_tpu.attend_grouped_tpu(
             q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer,
@@ -415,7 +468,12 @@ def attend_grouped(
     args = (q_bkme, q_pos_bm, ring_k, ring_v, end_b, glob_k, glob_v, glob_pos, glob_len_bk, layer)
     kw = dict(window=window, glob_lo=glob_lo, open_len_bk=open_len_bk)
     split = impl in ("cudnn", "interpret-xla") and t > 1 and open_len_bk is not None
-    if impl == "reference":
+    if table is not None:  # a paged store: glob_k / glob_v are page pools (decode chunks: no cuDNN split)
+        if impl == "reference":
+            o = paged_reference(*args, window=window, glob_lo=glob_lo, table=table)
+        else:
+            o = ragged_attention(*args, **kw, tiling=tiling, interpret=impl.startswith("interpret"), table=table)
+    elif impl == "reference":
         o = ragged_attention_reference(*args, window=window, glob_lo=glob_lo)
     elif not split:
         o = ragged_attention(*args, **kw, tiling=tiling, interpret=impl.startswith("interpret"))
