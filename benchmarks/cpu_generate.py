@@ -72,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-batch", type=int, default=1, help="batch of the prefill setting (default 1)")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the random prompts")
     p.add_argument(
-        "--layers", default="stacked", choices=["stacked", "unrolled"], help="our weight layout (default stacked)"
+        "--layers",
+        default="unrolled",
+        choices=["stacked", "unrolled"],
+        help="our weight layout (default unrolled: the full cache then decodes on the per-layer, keys-transposed "
+        "DecodeKVCache layout)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF model.generate decode figure")

@@ -31,7 +31,7 @@ from wgkv_jax.cache import paged as paged_store
 from wgkv_jax.cache.admission import Admission
 from wgkv_jax.cache.cascading import CascadeAttend, CascadeConfig, CascadingCache
 from wgkv_jax.cache.dual import CacheConfig, CapacityError, DualAttend, DualCache
-from wgkv_jax.cache.full import FullAttend, KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.full import DecodeKVCache, FullAttend, KVCache, decode_attend, prefill_attend
 from wgkv_jax.cache.paged import PagedDualCache
 from wgkv_jax.cache.per_layer import PerLayerCache, wrap_attend
 from wgkv_jax.infer.sampling import SamplingConfig, sample
@@ -361,9 +361,12 @@ def generate_ids(
         tokens_bt = np.zeros((batch, t_bucket), np.int32)
         for i, p in enumerate(prompts):
             tokens_bt[i, : len(p)] = p
-        state = put(lambda: KVCache.zeros(cfg, batch, size, dtype), KVCache.logical_axes())
         attend, stop_on_evict = FullAttend("decode", dispatch.ragged_impl(attention_impl)), False
         prefill_impl = dispatch.causal_impl(attention_impl, dtype, cfg.head_dim)
+        if _cpu_decode_layout(attend.impl, prefill_impl, params, mesh):
+            state = DecodeKVCache.zeros(cfg, batch, size, dtype)
+        else:
+            state = put(lambda: KVCache.zeros(cfg, batch, size, dtype), KVCache.logical_axes())
         first_b, state = prefill(
             params, cfg, state, put(tokens_bt, ("batch", "seq")), put(lengths_b, ("batch",)),
             jax.random.fold_in(key, 0), sampling, FullAttend("prefill", prefill_impl),
@@ -439,8 +442,21 @@ def generate_ids(
         **shape_info,
     }
     if return_cache:
-        stats["cache_state"] = state
+        stats["cache_state"] = state.to_cache() if isinstance(state, DecodeKVCache) else state
     return new_ids, finished, stats
+
+
+def _cpu_decode_layout(decode_impl: str, prefill_impl: str, params, mesh) -> bool:
+    """Whether the full cache is a `DecodeKVCache` (per-layer buffers, keys transposed): when
+    both phases run the XLA reference attention (not a kernel that reads [L, B, K, S, E]), the
+    layers are unrolled (a static layer index) and there is no mesh (merging batch and heads
+    would mix sharded axes)."""
+    return (
+        decode_impl == "reference"
+        and prefill_impl == "reference"
+        and isinstance(params["layers"], list | tuple)
+        and mesh is None
+    )
 
 
 CASCADE_STRIDE = 512
@@ -680,7 +696,7 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=No
     """Accounting of a full or dual cache after `seen_b[b]` tokens of row b went through the model
     (`policy_dropped_l`: entries an eviction policy removed from the store, per layer)."""
     dual = isinstance(state, DualCache | PerLayerCache | PagedDualCache)
-    itemsize = state.ring_k.dtype.itemsize if dual else state.k.dtype.itemsize
+    itemsize = state.ring_k.dtype.itemsize if dual else state.v[0].dtype.itemsize
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
     full_entries = int(seen_b.sum()) * cfg.n_layers * cfg.n_kv_heads
     if isinstance(state, CascadingCache):
@@ -696,7 +712,7 @@ def cache_stats(state, cfg: ModelConfig, seen_b: np.ndarray, policy_dropped_l=No
             evicted=0,
             capacity=state.size,
         )
-    if isinstance(state, KVCache):
+    if isinstance(state, KVCache | DecodeKVCache):
         return CacheStats(
             kind="full",
             allocated_bytes=state.nbytes,

@@ -199,8 +199,10 @@ def _layer(cfg: ModelConfig, inv_freq, attend: Attend, x_btd, p, layer, pos_bt, 
     q_btkge = q_bthe.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
     with jax.named_scope("attention"):
         o_btkge, state = attend(state, layer, p, q_btkge, k_pre_btke, k_btke, v_btke, pos_bt)
-    o_bthe = o_btkge.reshape(b, t, cfg.n_heads, cfg.head_dim).astype(x_btd.dtype)
-    x_btd = x_btd + jnp.einsum("bthe,hed->btd", o_bthe, p["wo"])
+    # heads and head_dim flattened on both sides: contracting (h, e) as two axes let XLA:CPU pick a
+    # layout that transposed wo (a weight-sized copy) on every decode step
+    o_btf = o_btkge.reshape(b, t, cfg.n_heads * cfg.head_dim).astype(x_btd.dtype)
+    x_btd = x_btd + jnp.einsum("btf,fd->btd", o_btf, p["wo"].reshape(cfg.n_heads * cfg.head_dim, -1))
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
     g_btf = jnp.einsum("btd,df->btf", h, p["w_gate"])
     u_btf = jnp.einsum("btd,df->btf", h, p["w_up"])
