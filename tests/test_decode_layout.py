@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_LLAMA, TINY_QWEN2
+from test_model import LENGTHS, TOTAL, prefill_and_decode_against_forward
 
-from wgkv_jax.cache.full import DecodeKVCache, FullAttend, KVCache, decode_attend, prefill_attend
+from wgkv_jax.cache.full import DecodeKVCache, FullAttend, KVCache, decode_attend
 from wgkv_jax.infer.generate import generate_ids
-from wgkv_jax.model import forward, hidden_states, init_params, lm_head
+from wgkv_jax.model import hidden_states, init_params
 from wgkv_jax.model.transformer import unstack_layers
 
 
@@ -43,33 +44,14 @@ def test_prefill_and_decode_equal_dense_forward(cfg):
     """Prefill into the layout, then one-token decode steps at each row's own position == the
     full forward's logits, and the final cache == the stacked cache of the same steps."""
     params = unstack_layers(init_params(cfg, jax.random.PRNGKey(2)), free=False)
-    lengths, total, t_pad = [5, 11], 16, 12
-    seqs = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, total), 0, cfg.vocab_size), np.int32)
-    tokens = np.zeros((2, t_pad), np.int32)
-    for r, n in enumerate(lengths):
-        tokens[r, :n] = seqs[r, :n]
-    pos = jnp.broadcast_to(jnp.arange(t_pad, dtype=jnp.int32), (2, t_pad))
-    full = [forward(params, cfg, jnp.asarray(seqs[r : r + 1])) for r in range(2)]
-    caches = {}
-    for name, cache in (("layout", DecodeKVCache.zeros(cfg, 2, 32)), ("stacked", KVCache.zeros(cfg, 2, 32))):
-        h, cache = hidden_states(params, cfg, jnp.asarray(tokens), pos, attend=prefill_attend, state=cache)
-        pre = lm_head(params, cfg, h)
-        for r, n in enumerate(lengths):
-            np.testing.assert_allclose(pre[r, :n], full[r][0, :n], atol=2e-5)
-        for step in range(total - max(lengths)):
-            pos_b = jnp.asarray([n + step for n in lengths], jnp.int32)
-            tok_b = jnp.asarray([seqs[r, n + step] for r, n in enumerate(lengths)], jnp.int32)
-            h, cache = hidden_states(params, cfg, tok_b[:, None], pos_b[:, None], attend=decode_attend, state=cache)
-            out = lm_head(params, cfg, h)[:, 0]
-            for r, n in enumerate(lengths):
-                np.testing.assert_allclose(out[r], full[r][0, n + step], atol=2e-5)
-        caches[name] = cache
-    assert isinstance(caches["layout"], DecodeKVCache)
-    back = caches["layout"].to_cache()
-    for r, n in enumerate(lengths):  # slots a row wrote (the rest hold prompt padding of either layout)
-        end = n + total - max(lengths)
-        np.testing.assert_allclose(back.k[:, r, :, :end], caches["stacked"].k[:, r, :, :end], atol=1e-6)
-        np.testing.assert_allclose(back.v[:, r, :, :end], caches["stacked"].v[:, r, :, :end], atol=1e-6)
+    relaid = prefill_and_decode_against_forward(params, cfg, DecodeKVCache.zeros(cfg, 2, 32))
+    stacked = prefill_and_decode_against_forward(params, cfg, KVCache.zeros(cfg, 2, 32))
+    assert isinstance(relaid, DecodeKVCache)
+    back = relaid.to_cache()
+    for r, n in enumerate(LENGTHS):  # slots a row wrote (the rest hold prompt padding of either layout)
+        end = n + TOTAL - max(LENGTHS)
+        np.testing.assert_allclose(back.k[:, r, :, :end], stacked.k[:, r, :, :end], atol=1e-6)
+        np.testing.assert_allclose(back.v[:, r, :, :end], stacked.v[:, r, :, :end], atol=1e-6)
 
 
 def test_generate_unrolled_uses_layout_and_matches_stacked():

@@ -40,33 +40,39 @@ def test_causality(cfg):
     assert np.abs(np.asarray(a[:, 8:] - b[:, 8:])).max() > 1e-4
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.arch)
-def test_prefill_then_decode_equals_full_forward(cfg):
-    """Cache equivalence: prefill(prompt) + one-token decode steps == one full forward, per row,
-    with rows of different lengths right-padded in one batch."""
-    params = init_params(cfg, jax.random.PRNGKey(2))
-    lengths = [5, 11]
-    total = 16
-    seqs = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, total), 0, cfg.vocab_size), np.int32)
+LENGTHS, TOTAL = (5, 11), 16
+
+
+def prefill_and_decode_against_forward(params, cfg, cache, seed: int = 3):
+    """Prefill two right-padded rows of LENGTHS into `cache`, then decode each row one token at a
+    time at its own position up to TOTAL, checking every logit against one full forward per row.
+    Returns the final cache."""
+    seqs = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (2, TOTAL), 0, cfg.vocab_size), np.int32)
     t_pad = 12
     tokens = np.zeros((2, t_pad), np.int32)
-    for r, n in enumerate(lengths):
+    for r, n in enumerate(LENGTHS):
         tokens[r, :n] = seqs[r, :n]
-    cache = KVCache.zeros(cfg, 2, 32)
     pos = jnp.broadcast_to(jnp.arange(t_pad, dtype=jnp.int32), (2, t_pad))
     h, cache = hidden_states(params, cfg, jnp.asarray(tokens), pos, attend=prefill_attend, state=cache)
     full = [forward(params, cfg, jnp.asarray(seqs[r : r + 1])) for r in range(2)]
     pre = lm_head(params, cfg, h)
-    for r, n in enumerate(lengths):
+    for r, n in enumerate(LENGTHS):
         np.testing.assert_allclose(pre[r, :n], full[r][0, :n], atol=2e-5)
-    # decode the rest of each row one token at a time, each row at its own position
-    for step in range(total - max(lengths)):
-        pos_b = jnp.asarray([n + step for n in lengths], jnp.int32)
-        tok_b = jnp.asarray([seqs[r, n + step] for r, n in enumerate(lengths)], jnp.int32)
+    for step in range(TOTAL - max(LENGTHS)):
+        pos_b = jnp.asarray([n + step for n in LENGTHS], jnp.int32)
+        tok_b = jnp.asarray([seqs[r, n + step] for r, n in enumerate(LENGTHS)], jnp.int32)
         h, cache = hidden_states(params, cfg, tok_b[:, None], pos_b[:, None], attend=decode_attend, state=cache)
         out = lm_head(params, cfg, h)[:, 0]
-        for r, n in enumerate(lengths):
+        for r, n in enumerate(LENGTHS):
             np.testing.assert_allclose(out[r], full[r][0, n + step], atol=2e-5)
+    return cache
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.arch)
+def test_prefill_then_decode_equals_full_forward(cfg):
+    """Cache equivalence: prefill(prompt) + one-token decode steps == one full forward, per row,
+    with rows of different lengths right-padded in one batch."""
+    prefill_and_decode_against_forward(init_params(cfg, jax.random.PRNGKey(2)), cfg, KVCache.zeros(cfg, 2, 32))
 
 
 def test_llama3_rope_scaling_bands():
