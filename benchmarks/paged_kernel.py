@@ -28,7 +28,7 @@ import numpy as np
 from configs.models import LLAMA31_8B
 from wgkv_jax.cache import paged as paged_store
 from wgkv_jax.cache.dual import CacheConfig, DualCache
-from wgkv_jax.infer.bench import _ragged, log, machine, timed, write_result
+from wgkv_jax.infer.bench import _ragged, log, machine, per_layer_ms, write_result
 from wgkv_jax.kernels import ragged
 
 
@@ -85,16 +85,6 @@ def measure(cfg, n_tokens: int, page: int, args) -> dict:
             window=w, glob_lo=w, impl=impl, open_len_bk=n, table=c.table,
         )  # fmt: skip
 
-    def per_layer_ms(fn, cache):
-        @jax.jit
-        def run(q, cache):
-            def body(acc, layer):
-                return acc + fn(q, cache, layer).reshape(-1)[0], None
-
-            return jax.lax.scan(body, jnp.float32(0), jnp.arange(n_layers))[0]
-
-        return timed(run, q, cache, repeats=args.repeats) / n_layers
-
     check = {}
     for layer in (0, n_layers - 1):
         want = np.asarray(paged(q, pg, layer, impl="reference"))
@@ -103,8 +93,8 @@ def measure(cfg, n_tokens: int, page: int, args) -> dict:
             err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
             check[name] = max(check.get(name, 0.0), err)
     out = {"context": n_tokens, "page": page, "max_rel_err_vs_f32_oracle": check}
-    out["contiguous_ms"] = per_layer_ms(contiguous, dual)
-    out["paged_ms"] = per_layer_ms(paged, pg)
+    out["contiguous_ms"] = per_layer_ms(contiguous, q, dual, n_layers, args.repeats)
+    out["paged_ms"] = per_layer_ms(paged, q, pg, n_layers, args.repeats)
     out["paged_over_contiguous"] = out["paged_ms"] / out["contiguous_ms"]
     per_entry = 2 * cfg.head_dim * 2  # K and V, bf16
     stored = int(jnp.sum(dual.length))

@@ -273,14 +273,7 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
         )  # fmt: skip
 
     def per_layer(fn, cache):
-        @jax.jit
-        def run(q, cache):
-            def body(acc, layer):
-                return acc + fn(q, cache, layer).reshape(-1)[0], None
-
-            return jax.lax.scan(body, jnp.float32(0), jnp.arange(n_layers))[0]
-
-        return timed(run, q, cache, repeats=repeats) / n_layers
+        return per_layer_ms(fn, q, cache, n_layers, repeats)
 
     per_token = 2 * e * 2  # K and V bytes of one token, one head, one layer, bf16
     out = {}
@@ -311,6 +304,20 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
     out["speedup_vs_best_full"] = best_full / best_dual
     out["best_full_gbps"], out["best_dual_gbps"] = full_bytes / best_full / 1e6, dual_bytes / best_dual / 1e6
     return out
+
+
+def per_layer_ms(fn, q, cache, n_layers: int, repeats: int) -> float:
+    """Mean ms per layer of fn(q, cache, layer) over a scan of all `n_layers` layers of the
+    cache (per-call dispatch amortised, every layer reads its own data)."""
+
+    @jax.jit
+    def run(q, cache):
+        def body(acc, layer):
+            return acc + fn(q, cache, layer).reshape(-1)[0], None
+
+        return jax.lax.scan(body, jnp.float32(0), jnp.arange(n_layers))[0]
+
+    return timed(run, q, cache, repeats=repeats) / n_layers
 
 
 def check_kernel(cfg, n_tokens, setting, rate) -> dict:
