@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wgkv_jax.cache.dual import DualCache
+from wgkv_jax.kernels import ragged
 
 
 @dataclasses.dataclass
@@ -81,15 +82,9 @@ class PagedDualCache:
         """Allocated bytes of the K/V payload (ring + page pool) and the page table."""
         return self.ring_k.nbytes + self.ring_v.nbytes + self.pool_k.nbytes + self.pool_v.nbytes + self.table.nbytes
 
-    def _pages_of(self, table):
-        return jnp.where(table < 0, self.pages - 1, table)  # unallocated blocks read the zero sentinel
-
     def store_kv(self, layer):
         """One layer's store as contiguous [B, K, C, E] keys and values, gathered through the page table."""
-        ids = self._pages_of(self.table[layer])  # [B, K, C / page]
-        b, k, n = ids.shape
-        shape = (b, k, n * self.page, self.pool_k.shape[-1])
-        return self.pool_k[ids].reshape(shape), self.pool_v[ids].reshape(shape)
+        return ragged.gather_pages(self.pool_k, self.table[layer]), ragged.gather_pages(self.pool_v, self.table[layer])
 
     def store_write(self, g_at, cand_k, cand_v, new_len, over):
         """Write one candidate per head (g_at's slot axis has size 1) through the page table,

@@ -393,7 +393,7 @@ def generate_ids(
             if isinstance(state, PerLayerCache):
                 raise ValueError(
                     f"paged={paged}: this eviction left a capacity per layer (unrolled layers); the paged store "
-                    "takes the stacked cache: load the model with layers='scan', or drop `paged`"
+                    "takes the stacked cache: load the model with layers='stacked', or drop `paged`"
                 )
             state = paged_store.from_dual(state, page=paged, room=max_new_tokens)
             shape_info.update(pages=state.pages, page=state.page)

@@ -423,14 +423,18 @@ def unsupported_paged(q_bkme, ring_k, pool_k) -> str | None:
     return None
 
 
+def gather_pages(pool, table_bkn):
+    """The pages a table lists, as one contiguous [B, K, N * page, E] store per head; unallocated
+    blocks (-1) read the pool's last page, the zero sentinel."""
+    ids = jnp.where(table_bkn < 0, pool.shape[0] - 1, table_bkn)
+    b, k, n = ids.shape
+    return pool[ids].reshape(b, k, n * pool.shape[1], pool.shape[-1])
+
+
 def paged_reference(q_bkme, q_pos_bm, ring_k, ring_v, ring_end_b, pool_k, pool_v, glob_pos, glob_len_bk, layer, *,
                     window, glob_lo, table):  # fmt: skip
     """The paged oracle: gather the layer's pages into a contiguous store, then the dense reference."""
-    ids = table[layer]
-    ids = jnp.where(ids < 0, pool_k.shape[0] - 1, ids)  # unallocated blocks: the (zero) sentinel page
-    b, k, n = ids.shape
-    shape = (1, b, k, n * pool_k.shape[1], pool_k.shape[-1])
-    gk, gv = pool_k[ids].reshape(shape), pool_v[ids].reshape(shape)
+    gk, gv = gather_pages(pool_k, table[layer])[None], gather_pages(pool_v, table[layer])[None]
     rk = None if ring_k is None else ring_k[layer][None]
     rv = None if ring_v is None else ring_v[layer][None]
     gpos = None if glob_pos is None else glob_pos[layer][None]
