@@ -46,3 +46,36 @@ def test_batch_part_needs_a_memory_budget_when_none_is_reported():
 
     with pytest.raises(ValueError, match=r"no free device memory reported \(0 bytes.*--batch-memory"):
         bench.batch_decode(None, TINY_BENCH, 1024, CacheConfig(window=256, chunk=256), 0.2, 4, hbm_free=0)
+
+
+def test_device_trace_summary_counts_stream_kernels_only():
+    """Busy time is the union of the device streams' kernel intervals (overlaps counted once);
+    host threads and derived lines such as "XLA Ops" are not kernels."""
+    from wgkv_jax.infer.bench import device_events, kernel_summary
+
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name", "args": {"name": "python"}},
+        {"ph": "M", "pid": 2, "tid": 20, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 21, "name": "thread_name", "args": {"name": "Stream #14(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 22, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]
+    x = lambda pid, tid, ts, dur, name: {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}  # noqa: E731
+    events = [
+        x(1, 10, 0, 100, "host work"),
+        x(2, 22, 0, 100, "fusion.1"),  # a derived line: the same work again
+        x(2, 20, 0, 10, "fusion.1"),
+        x(2, 21, 5, 10, "fusion.2"),  # overlaps the first: busy 0-15
+        x(2, 20, 25, 5, "wgkv_ragged_attention"),  # gap 15-25
+        x(2, 20, 40, 20, "fusion.3"),  # gap 30-40
+    ]
+    kernels, threads = device_events({"traceEvents": meta + events})
+    assert [name for _, _, name in kernels] == ["fusion.1", "fusion.2", "wgkv_ragged_attention", "fusion.3"]
+    assert threads["/host:CPU | python"] == 1 and threads["/device:GPU:0 | XLA Ops"] == 1
+    s = kernel_summary(kernels, steps=2)
+    assert s["span_ms_per_step"] == pytest.approx(60 / 2 / 1e3)
+    assert s["busy_ms_per_step"] == pytest.approx(40 / 2 / 1e3)
+    assert s["gap_ms_per_step"] == pytest.approx(20 / 2 / 1e3)
+    assert s["kernels_per_step"] == 2
+    assert s["top_kernels"][0] == {"kernel": "fusion.#", "ms_per_step": 40 / 2 / 1e3, "per_step": 1.5}

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, TINY_QWEN2, TINY_QWEN3
 from test_dual_cache import _run, rand_tokens
 
 from wgkv_jax import gates
@@ -209,16 +209,20 @@ def test_dual_attend_falls_back_on_unsupported_capacity(params):
 
 
 def test_unrolled_layers_equal_scanned(params):
-    """Per-layer weight buffers (the fast GPU decode layout) give the same logits and the same
-    generation, with a real write gate sliced per layer, as the stacked scan."""
+    """Per-layer weight buffers (the fast GPU decode layout), plain or with fused q/k/v and
+    gate/up matmuls, give the same logits and the same generation, with a real write gate sliced
+    per layer, as the stacked scan."""
     cfg = TINY_LLAMA
     sharp = dict(params, lm_head=params["lm_head"] * 30)
     unrolled = unstack_layers(sharp, free=False)
+    fused = unstack_layers(sharp, free=False, fuse=True)
     assert isinstance(unrolled["layers"], list) and len(unrolled["layers"]) == cfg.n_layers
+    assert {"wqkv", "w_gate_up"} <= set(fused["layers"][0]) and "wq" not in fused["layers"][0]
     tokens = jnp.asarray(rand_tokens(24, seed=9))[None]
-    np.testing.assert_allclose(
-        np.asarray(forward(unrolled, cfg, tokens)), np.asarray(forward(sharp, cfg, tokens)), atol=1e-5, rtol=1e-5
-    )
+    for layout in (unrolled, fused):
+        np.testing.assert_allclose(
+            np.asarray(forward(layout, cfg, tokens)), np.asarray(forward(sharp, cfg, tokens)), atol=1e-5, rtol=1e-5
+        )
     gate = gates.make("wgkv", cfg)
     gparams = gates.init_stacked(gate, cfg, jax.random.PRNGKey(3))
     admission = GateAdmission(gate, tau=0.5)
@@ -226,11 +230,24 @@ def test_unrolled_layers_equal_scanned(params):
     cc = CacheConfig(window=16, chunk=16, capacity=48)
     outs = [
         generate_ids(p, cfg, prompts, max_new_tokens=5, cache=cc, admission=admission, gate_params=gparams)
-        for p in (sharp, unrolled)
+        for p in (sharp, unrolled, fused)
     ]
-    assert outs[0][0] == outs[1][0]
-    assert outs[0][2]["cache"].global_lengths == outs[1][2]["cache"].global_lengths
+    assert outs[0][0] == outs[1][0] == outs[2][0]
+    lengths = [out[2]["cache"].global_lengths for out in outs]
+    assert lengths[0] == lengths[1] == lengths[2]
     assert int(np.sum(outs[0][2]["cache"].global_lengths)) > 0
+
+
+@pytest.mark.parametrize("cfg", [TINY_QWEN2, TINY_QWEN3], ids=["qwen2-bias", "qwen3-qknorm"])
+def test_fused_layers_with_bias_and_qk_norm(cfg):
+    """The fused q/k/v split keeps each head's columns: q/k/v biases (Qwen2) and q/k norms
+    (Qwen3) apply to the right slices."""
+    stacked = init_params(cfg, jax.random.PRNGKey(4))
+    fused = unstack_layers(stacked, free=False, fuse=True)
+    tokens = jnp.asarray(rand_tokens(20, seed=12))[None]
+    np.testing.assert_allclose(
+        np.asarray(forward(fused, cfg, tokens)), np.asarray(forward(stacked, cfg, tokens)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_load_model_layer_layouts(tmp_path):
@@ -238,6 +255,8 @@ def test_load_model_layer_layouts(tmp_path):
 
     with pytest.raises(ValueError, match="layers='flat'"):
         wgkv_jax.load_model("smollm2-135m", layers="flat")
+    with pytest.raises(ValueError, match=r"layers='fused'.*model-parallel mesh"):
+        wgkv_jax.load_model("smollm2-135m", layers="fused", mesh=object())
 
 
 @pytest.mark.slow

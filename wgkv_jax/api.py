@@ -22,7 +22,7 @@ from wgkv_jax.infer.generate import GenerationResult, PrefilledContext, generate
 from wgkv_jax.infer.generate import context_logprobs as _context_logprobs
 from wgkv_jax.infer.sampling import SamplingConfig
 from wgkv_jax.model.config import ModelConfig
-from wgkv_jax.model.transformer import Params, forward, param_logical_axes, unstack_tree
+from wgkv_jax.model.transformer import Params, forward, fuse_layer, param_logical_axes, unstack_tree
 from wgkv_jax.weights.gguf_io import load_gguf
 from wgkv_jax.weights.safetensors_io import load_hf_dir
 from wgkv_jax.weights.tokenizer import TextTokenizer
@@ -181,11 +181,18 @@ def load_model(
     `mesh`, sharded by `wgkv_jax.sharding.RULES`. `layers`: "stacked" (one [L, ...] array per
     weight; layers run as a `lax.scan`; what training needs) or "unrolled" (one buffer per layer
     and weight; an unrolled loop whose GPU matmuls read weights in place: a batch-1 decode step of
-    a Llama-8B shape on H100 took 4.8 ms of non-attention work instead of 13.4) or "auto"
-    (unrolled on GPU, stacked elsewhere). Inference accepts both.
+    a Llama-8B shape on H100 took 4.8 ms of non-attention work instead of 13.4) or "fused"
+    (unrolled, with q/k/v and gate/up concatenated into one matmul each, `transformer.fuse_layer`;
+    for decode on one device, so no mesh) or "auto" (unrolled on GPU, stacked elsewhere).
+    Inference accepts all three.
     """
-    if layers not in ("stacked", "unrolled", "auto"):
-        raise ValueError(f"layers={layers!r}; expected 'stacked', 'unrolled' or 'auto'")
+    if layers not in ("stacked", "unrolled", "fused", "auto"):
+        raise ValueError(f"layers={layers!r}; expected 'stacked', 'unrolled', 'fused' or 'auto'")
+    if layers == "fused" and mesh is not None:
+        raise ValueError(
+            "layers='fused' concatenates q/k/v and gate/up columns, which a model-parallel mesh would "
+            "split across devices; use layers='unrolled' with a mesh"
+        )
     if layers == "auto":
         layers = "unrolled" if jax.default_backend() == "gpu" else "stacked"
     path = resolve_model_path(name_or_path)
@@ -200,9 +207,11 @@ def load_model(
         raise ValueError(f"{path}: expected an HF model directory or a .gguf file")
     host = jax.tree.map(lambda x: np.asarray(x, dtype=dtype), host)
     axes = param_logical_axes(cfg)
-    if layers == "unrolled":
+    if layers in ("unrolled", "fused"):
         host = dict(host, layers=unstack_tree(host["layers"], cfg.n_layers))
         axes = dict(axes, layers=unstack_tree(axes["layers"], cfg.n_layers))
+    if layers == "fused":
+        host = dict(host, layers=[fuse_layer(p) for p in host["layers"]])
     if mesh is not None:
         params = sharding.shard_tree(host, axes, mesh)
     else:

@@ -21,12 +21,14 @@ window + the stored global entries); the floor is (weight bytes + those bytes) /
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -272,8 +274,8 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
             layer, window=w, glob_lo=w, impl=_ragged(), open_len_bk=n, tiling=tiling,
         )  # fmt: skip
 
-    def per_layer(fn, cache):
-        return per_layer_ms(fn, q, cache, n_layers, repeats)
+    def per_layer(fn, cache, unroll=False):
+        return per_layer_ms(fn, q, cache, n_layers, repeats, unroll)
 
     per_token = 2 * e * 2  # K and V bytes of one token, one head, one layer, bf16
     out = {}
@@ -282,6 +284,7 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
     for name, fn in (("full_xla", full_xla), ("full_pallas", full_pallas)):
         out[f"{name}_ms"] = ms = per_layer(fn, full)
         out[f"{name}_gbps"] = full_bytes / ms / 1e6
+        out[f"{name}_unrolled_ms"] = per_layer(fn, full, unroll=True)
     if tilings:
         out["full_pallas_tilings"] = {
             tiling_name(t): per_layer(functools.partial(full_pallas, tiling=t), full) for t in tilings
@@ -292,26 +295,37 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
     dual_bytes = (int(jnp.sum(dual.length)) // n_layers + batch * k_heads * w) * per_token
     out["dual_pallas_ms"] = ms = per_layer(dual_pallas, dual)
     out["dual_pallas_gbps"] = dual_bytes / ms / 1e6
+    out["dual_pallas_unrolled_ms"] = per_layer(dual_pallas, dual, unroll=True)
     if tilings:
         out["dual_pallas_tilings"] = {
             tiling_name(t): per_layer(functools.partial(dual_pallas, tiling=t), dual) for t in tilings
         }
         out["dual_pallas_best_ms"] = min(out["dual_pallas_tilings"].values())
-    out["dual_empty_ms"] = per_layer(dual_pallas, dataclasses.replace(dual, length=jnp.zeros_like(dual.length)))
+    empty = dataclasses.replace(dual, length=jnp.zeros_like(dual.length))
+    out["dual_empty_ms"] = per_layer(dual_pallas, empty)
+    out["dual_empty_unrolled_ms"] = per_layer(dual_pallas, empty, unroll=True)
     out["full_bytes"], out["dual_bytes"] = full_bytes, dual_bytes
     best_full = min(out["full_xla_ms"], out["full_pallas_ms"], out.get("full_pallas_best_ms", np.inf))
     best_dual = min(out["dual_pallas_ms"], out.get("dual_pallas_best_ms", np.inf))
     out["speedup_vs_best_full"] = best_full / best_dual
     out["best_full_gbps"], out["best_dual_gbps"] = full_bytes / best_full / 1e6, dual_bytes / best_dual / 1e6
+    # the same calls with static layer indices (one program of L layers, as the unrolled decode step)
+    best_full_u = min(out["full_xla_unrolled_ms"], out["full_pallas_unrolled_ms"])
+    out["speedup_vs_best_full_unrolled"] = best_full_u / out["dual_pallas_unrolled_ms"]
     return out
 
 
-def per_layer_ms(fn, q, cache, n_layers: int, repeats: int) -> float:
-    """Mean ms per layer of fn(q, cache, layer) over a scan of all `n_layers` layers of the
-    cache (per-call dispatch amortised, every layer reads its own data)."""
+def per_layer_ms(fn, q, cache, n_layers: int, repeats: int, unroll: bool = False) -> float:
+    """Mean ms per layer of fn(q, cache, layer) over all `n_layers` layers of the cache (per-call
+    dispatch amortised, every layer reads its own data): a scan (one compiled layer, a traced layer
+    index), or with `unroll` a Python loop in one program (static layer indices, as the decode step
+    of `layers="unrolled"` runs them)."""
 
     @jax.jit
     def run(q, cache):
+        if unroll:
+            return sum(fn(q, cache, layer).reshape(-1)[0] for layer in range(n_layers))
+
         def body(acc, layer):
             return acc + fn(q, cache, layer).reshape(-1)[0], None
 
@@ -333,6 +347,76 @@ def check_kernel(cfg, n_tokens, setting, rate) -> dict:
         ref = ragged.attend_grouped(*args, window=setting.window, glob_lo=setting.window, impl="reference")
         res[f"rel_err_t{t}"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     return res
+
+
+# ----------------------------------------------------------------------------- device traces
+
+
+def device_events(trace: dict) -> tuple[list[tuple[float, float, str]], dict]:
+    """(start us, duration us, name) of the kernels on the device streams of a Chrome-format trace,
+    and the event count of every (process, thread) of the trace (which ones were read is in the
+    names). Device processes are those named "/device:...";
+    their "Stream ..." threads hold the kernels (derived lines such as "XLA Ops" are left out)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    device = {pid for pid, name in procs.items() if name.startswith("/device:")}
+    streams = {key for key, name in threads.items() if key[0] in device and name.startswith("Stream")}
+    out = [
+        (float(e["ts"]), float(e.get("dur", 0.0)), e["name"])
+        for e in events
+        if e.get("ph") == "X" and (e["pid"], e.get("tid")) in streams
+    ]
+    seen = collections.Counter(
+        f"{procs.get(e['pid'], e['pid'])} | {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
+        for e in events
+        if e.get("ph") == "X"
+    )
+    return sorted(out), dict(seen.most_common(30))
+
+
+def busy_time(events: list[tuple[float, float, str]]) -> tuple[float, float]:
+    """(busy, span) in us: the union of the event intervals, and first start to last end."""
+    if not events:
+        return 0.0, 0.0
+    busy, cur_start, cur_end = 0.0, events[0][0], events[0][0] + events[0][1]
+    last = cur_end
+    for start, dur, _ in events[1:]:
+        end = start + dur
+        last = max(last, end)
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return busy, last - events[0][0]
+
+
+def kernel_summary(events, steps: int, top: int = 15) -> dict:
+    """Per decode step: busy and span ms, gaps, kernels launched; the top kernels by total time
+    (digits in names folded, so one fusion per layer counts as one kind)."""
+    busy, span = busy_time(events)
+    total, count = collections.Counter(), collections.Counter()
+    for _, dur, name in events:
+        kind = re.sub(r"\d+", "#", name)[:120]
+        total[kind] += dur
+        count[kind] += 1
+    return {
+        "busy_ms_per_step": busy / steps / 1e3,
+        "span_ms_per_step": span / steps / 1e3,
+        "gap_ms_per_step": (span - busy) / steps / 1e3,
+        "busy_fraction": busy / span if span else 0.0,
+        "kernels_per_step": len(events) / steps,
+        "top_kernels": [
+            {"kernel": kind, "ms_per_step": us / steps / 1e3, "per_step": count[kind] / steps}
+            for kind, us in total.most_common(top)
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -13,6 +13,10 @@ Params (a nested dict; per-layer arrays are stacked on a leading `l` axis and ru
     layers/q_norm, k_norm [l, e]                        (qk_norm, Qwen3)
     layers/w_gate, w_up [l, d, f]   w_down [l, f, d]
 
+`unstack_layers` turns layers into a list of per-layer dicts (an unrolled loop); with `fuse`
+(`fuse_layer`) each dict holds wqkv [d, (h + 2k) e] in place of wq, wk, wv and w_gate_up [d, 2f]
+in place of w_gate, w_up: one matmul each, for decode steps that read every weight once.
+
 The attention call site is an `Attend` callable that receives the query, the *pre-RoPE*
 key, the post-RoPE key and the value of every layer, so a KV-cache policy (write gates,
 dual caches) plugs in without touching this file.
@@ -185,9 +189,16 @@ def causal_self_attend(state, layer, p, q_btkgd, k_pre_btke, k_btke, v_btke, pos
 def _layer(cfg: ModelConfig, inv_freq, attend: Attend, x_btd, p, layer, pos_bt, state):
     b, t, _ = x_btd.shape
     h = rms_norm(x_btd, p["attn_norm"], cfg.rms_eps)
-    q_bthe = jnp.einsum("btd,dhe->bthe", h, p["wq"])
-    k_btke = jnp.einsum("btd,dke->btke", h, p["wk"])
-    v_btke = jnp.einsum("btd,dke->btke", h, p["wv"])
+    if "wqkv" in p:  # fused (`fuse_layer`): one matmul, then the q / k / v columns
+        hq, hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        qkv = jnp.einsum("btd,df->btf", h, p["wqkv"])
+        q_bthe = qkv[..., :hq].reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k_btke = qkv[..., hq : hq + hk].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v_btke = qkv[..., hq + hk :].reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    else:
+        q_bthe = jnp.einsum("btd,dhe->bthe", h, p["wq"])
+        k_btke = jnp.einsum("btd,dke->btke", h, p["wk"])
+        v_btke = jnp.einsum("btd,dke->btke", h, p["wv"])
     if cfg.qkv_bias:
         q_bthe, k_btke, v_btke = q_bthe + p["bq"], k_btke + p["bk"], v_btke + p["bv"]
     if cfg.qk_norm:
@@ -204,8 +215,12 @@ def _layer(cfg: ModelConfig, inv_freq, attend: Attend, x_btd, p, layer, pos_bt, 
     o_btf = o_btkge.reshape(b, t, cfg.n_heads * cfg.head_dim).astype(x_btd.dtype)
     x_btd = x_btd + jnp.einsum("btf,fd->btd", o_btf, p["wo"].reshape(cfg.n_heads * cfg.head_dim, -1))
     h = rms_norm(x_btd, p["mlp_norm"], cfg.rms_eps)
-    g_btf = jnp.einsum("btd,df->btf", h, p["w_gate"])
-    u_btf = jnp.einsum("btd,df->btf", h, p["w_up"])
+    if "w_gate_up" in p:
+        gu_btf = jnp.einsum("btd,df->btf", h, p["w_gate_up"])
+        g_btf, u_btf = gu_btf[..., : cfg.ffn_dim], gu_btf[..., cfg.ffn_dim :]
+    else:
+        g_btf = jnp.einsum("btd,df->btf", h, p["w_gate"])
+        u_btf = jnp.einsum("btd,df->btf", h, p["w_up"])
     x_btd = x_btd + jnp.einsum("btf,fd->btd", jax.nn.silu(g_btf) * u_btf, p["w_down"])
     return x_btd, state
 
@@ -247,8 +262,21 @@ def unstack_tree(layers: dict, n_layers: int) -> list[dict]:
     return [{k: (v[1:] if isinstance(v, tuple) else v[i]) for k, v in layers.items()} for i in range(n_layers)]
 
 
-def unstack_layers(params: Params, *, free: bool = True) -> Params:
-    """The same parameters with params["layers"] as a list of per-layer dicts (separate buffers).
+def fuse_layer(p: dict) -> dict:
+    """One layer's weights with wq, wk, wv concatenated into wqkv [d, (h + 2k) e] and w_gate,
+    w_up into w_gate_up [d, 2f] (numpy in, numpy out; device arrays are concatenated on device).
+    `_layer` runs either form; the fused one makes one matmul where there were three and two."""
+    cat = np.concatenate if isinstance(p["wq"], np.ndarray) else jnp.concatenate
+    flat = lambda w: w.reshape(w.shape[0], -1)  # noqa: E731  [d, heads, e] -> [d, heads * e]
+    out = {k: v for k, v in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    out["wqkv"] = cat([flat(p["wq"]), flat(p["wk"]), flat(p["wv"])], axis=1)
+    out["w_gate_up"] = cat([p["w_gate"], p["w_up"]], axis=1)
+    return out
+
+
+def unstack_layers(params: Params, *, free: bool = True, fuse: bool = False) -> Params:
+    """The same parameters with params["layers"] as a list of per-layer dicts (separate buffers),
+    with `fuse` in the fused form of `fuse_layer`.
 
     Converts one weight at a time; with `free`, deletes each stacked array once split (peak: one
     weight's copy), so `params` must not be used afterwards."""
@@ -261,6 +289,8 @@ def unstack_layers(params: Params, *, free: bool = True) -> Params:
             out[layer][name] = x
         if free and isinstance(stacked, jax.Array):
             stacked.delete()
+    if fuse:
+        out = [fuse_layer(p) for p in out]
     return dict(params, layers=out)
 
 
