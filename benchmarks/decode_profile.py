@@ -67,7 +67,7 @@ def traced_decode(params, cfg, cache, n_tokens, attend, max_steps: int, steps: i
             raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {tmp}")
         with gzip.open(files[0]) as f:
             events, threads = device_events(json.load(f))
-    out = kernel_summary(events, steps)
+    out = kernel_summary(events, steps - 1)  # the first token comes from the prefill: steps - 1 decode steps
     out["trace_threads"] = threads
     return out, cache
 

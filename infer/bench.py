@@ -33,7 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hbm-peak-gbps", type=float, default=3350.0, help="HBM peak for the decode floor (H100 SXM)")
     p.add_argument("--config", default="llama-3.1-8b", choices=["llama-3.1-8b", "tiny"], help="tiny: CPU smoke run")
     p.add_argument("--batch-memory", type=float, default=None, help="GiB for the batch caches (default: 85%% of free)")
-    p.add_argument("--scanned-decode", action="store_true", help="decode with scanned layers (default: unrolled)")
+    p.add_argument(
+        "--decode-layers", default="fused", choices=["fused", "unrolled", "scanned"],
+        help="decode weight layout: one buffer per layer with q/k/v and gate/up fused (default), unfused, or scanned",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results/long_context.json"))
     p.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG of an existing JSON")
     args = p.parse_args(argv)
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
         hbm_peak_gbps=args.hbm_peak_gbps, e2e_contexts=args.e2e_contexts, batch_contexts=args.batch_contexts,
         cfg=LLAMA31_8B if args.config == "llama-3.1-8b" else TINY_BENCH,
         batch_memory=None if args.batch_memory is None else int(args.batch_memory * 2**30),
-        unrolled_decode=not args.scanned_decode, on_update=save,
+        decode_layers=args.decode_layers, on_update=save,
     )  # fmt: skip
     save(result)
     try:

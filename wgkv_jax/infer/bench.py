@@ -601,7 +601,7 @@ def machine() -> dict:
 def run(
     contexts, parts, *, rate=0.2, window=256, chunk=2048, capacity_fraction=0.22, steps=32, repeats=5,
     hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None, batch_contexts=None,
-    unrolled_decode=True, on_update=None,
+    decode_layers="fused", on_update=None,
 ) -> dict:  # fmt: skip
     """Run the requested parts ("check", "attention", "e2e", "batch") for each context length."""
     setting = CacheConfig(window=window, chunk=chunk, capacity_fraction=capacity_fraction)
@@ -610,7 +610,7 @@ def run(
         "model": dataclasses.asdict(cfg) | {"rope_scaling": None},
         "settings": {"rate": rate, "window": window, "chunk": chunk, "capacity_fraction": capacity_fraction,
                      "decode_steps": steps, "hbm_peak_gbps": hbm_peak_gbps,
-                     "decode_layers": "unrolled" if unrolled_decode else "scanned"},
+                     "decode_layers": decode_layers},
         "contexts": {},
     }  # fmt: skip
     params = decode_params = None
@@ -634,8 +634,8 @@ def run(
             params = params if params is not None else random_params(cfg)
             weight_bytes = nbytes(params)
             result["weight_bytes"] = weight_bytes
-            if unrolled_decode and decode_params is None:
-                decode_params = unstack_layers(params, free=False)
+            if decode_layers != "scanned" and decode_params is None:
+                decode_params = unstack_layers(params, free=False, fuse=decode_layers == "fused")
         if "e2e" in parts and (e2e_contexts is None or n in e2e_contexts):
             log(f"{n}: end to end")
             e2e = end_to_end(params, cfg, n, setting, rate, steps, decode_params)
