@@ -262,35 +262,47 @@ def unstack_tree(layers: dict, n_layers: int) -> list[dict]:
     return [{k: (v[1:] if isinstance(v, tuple) else v[i]) for k, v in layers.items()} for i in range(n_layers)]
 
 
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}  # fused weight: its parts, in column order
+
+
 def fuse_layer(p: dict) -> dict:
     """One layer's weights with wq, wk, wv concatenated into wqkv [d, (h + 2k) e] and w_gate,
     w_up into w_gate_up [d, 2f] (numpy in, numpy out; device arrays are concatenated on device).
     `_layer` runs either form; the fused one makes one matmul where there were three and two."""
     cat = np.concatenate if isinstance(p["wq"], np.ndarray) else jnp.concatenate
     flat = lambda w: w.reshape(w.shape[0], -1)  # noqa: E731  [d, heads, e] -> [d, heads * e]
-    out = {k: v for k, v in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
-    out["wqkv"] = cat([flat(p["wq"]), flat(p["wk"]), flat(p["wv"])], axis=1)
-    out["w_gate_up"] = cat([p["w_gate"], p["w_up"]], axis=1)
+    out = {k: v for k, v in p.items() if not any(k in parts for parts in FUSED.values())}
+    for name, parts in FUSED.items():
+        out[name] = cat([flat(p[part]) for part in parts], axis=1)
     return out
 
 
 def unstack_layers(params: Params, *, free: bool = True, fuse: bool = False) -> Params:
     """The same parameters with params["layers"] as a list of per-layer dicts (separate buffers),
-    with `fuse` in the fused form of `fuse_layer`.
+    with `fuse` in the fused form of `fuse_layer` (each fused weight made by one program from the
+    stacked parts: no per-layer intermediates left to fragment device memory).
 
     Converts one weight at a time; with `free`, deletes each stacked array once split (peak: one
     weight's copy), so `params` must not be used afterwards."""
     layers = dict(params["layers"])
     n = len(next(iter(layers.values())))
     out = [{} for _ in range(n)]
+
+    def split(*ws, n=n):  # layer i of each stacked weight, [d, ...] flattened to [d, cols], side by side
+        return [jnp.concatenate([w[i].reshape(w.shape[1], -1) for w in ws], axis=1) for i in range(n)]
+
+    for name, parts in FUSED.items() if fuse else ():
+        stacked = [layers.pop(part) for part in parts]
+        for layer, x in enumerate(jax.jit(split)(*stacked)):
+            out[layer][name] = x
+        for w in stacked if free else ():
+            w.delete()
     for name in list(layers):
         stacked = layers.pop(name)
         for layer, x in enumerate(jax.jit(lambda a, n=n: [a[i] for i in range(n)])(stacked)):
             out[layer][name] = x
         if free and isinstance(stacked, jax.Array):
             stacked.delete()
-    if fuse:
-        out = [fuse_layer(p) for p in out]
     return dict(params, layers=out)
 
 
