@@ -16,12 +16,9 @@ and large gaps is launch-bound; one whose busy time is near its memory floor is 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -36,7 +33,6 @@ from wgkv_jax.infer.bench import (
     GREEDY,
     _decode_ms,
     _ragged,
-    device_events,
     kernel_summary,
     log,
     machine,
@@ -44,6 +40,7 @@ from wgkv_jax.infer.bench import (
     random_params,
     synthetic_dual,
     synthetic_full,
+    trace_kernels,
     write_result,
 )
 from wgkv_jax.model.transformer import fuse_layer, unstack_layers
@@ -56,20 +53,19 @@ def traced_decode(params, cfg, cache, n_tokens, attend, max_steps: int, steps: i
     first = jnp.zeros((b,), jnp.int32)
     lengths = jnp.full((b,), n_tokens, jnp.int32)
     key = jax.random.PRNGKey(0)
-    loop = gen.decode_loop
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        toks, cache = loop(params, cfg, cache, first, lengths, key, GREEDY, max_steps, (), jnp.int32(steps), attend)
-        toks.block_until_ready()
-        jax.profiler.stop_trace()
-        files = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
-        if not files:
-            raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {tmp}")
-        with gzip.open(files[0]) as f:
-            events, threads = device_events(json.load(f))
+
+    def loop(cache):
+        return gen.decode_loop(params, cfg, cache, first, lengths, key, GREEDY, max_steps, (), jnp.int32(steps), attend)
+
+    holder = {}
+
+    def run(cache):  # keep the updated cache: the loop donates its input
+        holder["out"] = loop(cache)
+        return holder["out"][0]
+
+    events = trace_kernels(run, cache)
     out = kernel_summary(events, steps - 1)  # the first token comes from the prefill: steps - 1 decode steps
-    out["trace_threads"] = threads
-    return out, cache
+    return out, holder["out"][1]
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ def test_batch_part_needs_a_memory_budget_when_none_is_reported():
 def test_device_trace_summary_counts_stream_kernels_only():
     """Busy time is the union of the device streams' kernel intervals (overlaps counted once);
     host threads and derived lines such as "XLA Ops" are not kernels."""
-    from wgkv_jax.infer.bench import device_events, kernel_summary
+    from wgkv_jax.infer.bench import device_events, kernel_summary, kernel_time
 
     meta = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
@@ -79,3 +79,7 @@ def test_device_trace_summary_counts_stream_kernels_only():
     assert s["gap_ms_per_step"] == pytest.approx(20 / 2 / 1e3)
     assert s["kernels_per_step"] == 2
     assert s["top_kernels"][0] == {"kernel": "fusion.#", "ms_per_step": 40 / 2 / 1e3, "per_step": 1.5}
+    k = kernel_time(kernels, 2, "wgkv_ragged_attention")  # the attention kernel alone vs all of the call
+    assert k == pytest.approx(
+        {"busy_ms": 40 / 2 / 1e3, "span_ms": 60 / 2 / 1e3, "kernel_ms": 5 / 2 / 1e3, "kernels": 2}
+    )

@@ -248,12 +248,13 @@ def tiling_name(t: ragged.Tiling) -> str:
     return f"m{t.block_m}_k{t.block_k}_s{t.splits}_w{t.num_warps}_st{t.num_stages}"
 
 
-def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=()) -> dict:
+def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=(), traced: bool = False) -> dict:
     """Decode attention (one new token per row) over each cache, per layer: the mean over a scan
     of all L layers of L-layer caches (so per-call dispatch is amortised and every layer reads its
     own data). The XLA baseline reads its layer through a dynamic slice, as a scanned model does.
     The dual cache is read as a decode step reads it (every stored entry is older than the
-    window); `dual_empty_ms` is the same call on an empty global store (the fixed cost)."""
+    window); `dual_empty_ms` is the same call on an empty global store (the fixed cost). With
+    `traced` (Pallas on GPU), `trace` holds `per_layer_kernels` of the full, dual and empty calls."""
     k_heads, g, e, w, n_layers = cfg.n_kv_heads, cfg.group_size, cfg.head_dim, setting.window, cfg.n_layers
     q = jax.random.normal(jax.random.PRNGKey(3), (batch, 1, k_heads, g, e), jnp.bfloat16)
     pos = jnp.full((batch, 1), n_tokens, jnp.int32)
@@ -278,13 +279,16 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
         return per_layer_ms(fn, q, cache, n_layers, repeats, unroll)
 
     per_token = 2 * e * 2  # K and V bytes of one token, one head, one layer, bf16
-    out = {}
+    out, trace = {}, {}
+    traced = traced and _ragged() == "pallas"
     full = synthetic_full(cfg, batch, gen.cache_bucket(n_tokens + 1))
     full_bytes = batch * k_heads * (n_tokens + 1) * per_token
     for name, fn in (("full_xla", full_xla), ("full_pallas", full_pallas)):
         out[f"{name}_ms"] = ms = per_layer(fn, full)
         out[f"{name}_gbps"] = full_bytes / ms / 1e6
         out[f"{name}_unrolled_ms"] = per_layer(fn, full, unroll=True)
+    if traced:
+        trace["full_pallas"] = per_layer_kernels(full_pallas, q, full, n_layers)
     if tilings:
         out["full_pallas_tilings"] = {
             tiling_name(t): per_layer(functools.partial(full_pallas, tiling=t), full) for t in tilings
@@ -296,6 +300,8 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
     out["dual_pallas_ms"] = ms = per_layer(dual_pallas, dual)
     out["dual_pallas_gbps"] = dual_bytes / ms / 1e6
     out["dual_pallas_unrolled_ms"] = per_layer(dual_pallas, dual, unroll=True)
+    if traced:
+        trace["dual_pallas"] = per_layer_kernels(dual_pallas, q, dual, n_layers)
     if tilings:
         out["dual_pallas_tilings"] = {
             tiling_name(t): per_layer(functools.partial(dual_pallas, tiling=t), dual) for t in tilings
@@ -304,6 +310,8 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
     empty = dataclasses.replace(dual, length=jnp.zeros_like(dual.length))
     out["dual_empty_ms"] = per_layer(dual_pallas, empty)
     out["dual_empty_unrolled_ms"] = per_layer(dual_pallas, empty, unroll=True)
+    if traced:
+        trace["dual_empty"] = per_layer_kernels(dual_pallas, q, empty, n_layers)
     out["full_bytes"], out["dual_bytes"] = full_bytes, dual_bytes
     best_full = min(out["full_xla_ms"], out["full_pallas_ms"], out.get("full_pallas_best_ms", np.inf))
     best_dual = min(out["dual_pallas_ms"], out.get("dual_pallas_best_ms", np.inf))
@@ -312,15 +320,13 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=())
     # the same calls with static layer indices (one program of L layers, as the unrolled decode step)
     best_full_u = min(out["full_xla_unrolled_ms"], out["full_pallas_unrolled_ms"])
     out["speedup_vs_best_full_unrolled"] = best_full_u / out["dual_pallas_unrolled_ms"]
+    if traced:  # kernel time alone, from a device trace of the unrolled calls
+        out["trace"] = trace
+        out["speedup_kernel_only"] = trace["full_pallas"]["kernel_ms"] / trace["dual_pallas"]["kernel_ms"]
     return out
 
 
-def per_layer_ms(fn, q, cache, n_layers: int, repeats: int, unroll: bool = False) -> float:
-    """Mean ms per layer of fn(q, cache, layer) over all `n_layers` layers of the cache (per-call
-    dispatch amortised, every layer reads its own data): a scan (one compiled layer, a traced layer
-    index), or with `unroll` a Python loop in one program (static layer indices, as the decode step
-    of `layers="unrolled"` runs them)."""
-
+def _all_layers(fn, n_layers: int, unroll: bool):
     @jax.jit
     def run(q, cache):
         if unroll:
@@ -331,7 +337,23 @@ def per_layer_ms(fn, q, cache, n_layers: int, repeats: int, unroll: bool = False
 
         return jax.lax.scan(body, jnp.float32(0), jnp.arange(n_layers))[0]
 
-    return timed(run, q, cache, repeats=repeats) / n_layers
+    return run
+
+
+def per_layer_ms(fn, q, cache, n_layers: int, repeats: int, unroll: bool = False) -> float:
+    """Mean ms per layer of fn(q, cache, layer) over all `n_layers` layers of the cache (per-call
+    dispatch amortised, every layer reads its own data): a scan (one compiled layer, a traced layer
+    index), or with `unroll` a Python loop in one program (static layer indices, as the decode step
+    of `layers="unrolled"` runs them)."""
+    return timed(_all_layers(fn, n_layers, unroll), q, cache, repeats=repeats) / n_layers
+
+
+def per_layer_kernels(fn, q, cache, n_layers: int) -> dict:
+    """`kernel_time` per layer of the unrolled program of `per_layer_ms`, from a device trace: how
+    much of a call is the attention kernel itself, the other kernels (merge, padding) and idle."""
+    run = _all_layers(fn, n_layers, unroll=True)
+    jax.block_until_ready(run(q, cache))
+    return kernel_time(trace_kernels(run, q, cache), n_layers, "wgkv_ragged_attention")
 
 
 def check_kernel(cfg, n_tokens, setting, rate) -> dict:
@@ -417,6 +439,33 @@ def kernel_summary(events, steps: int, top: int = 15) -> dict:
             for kind, us in total.most_common(top)
         ],
     }
+
+
+def trace_kernels(fn, *args) -> list[tuple[float, float, str]]:
+    """The device kernels (start us, duration us, name) of one call of fn(*args), results blocked
+    on, under `jax.profiler` (call fn once before, so that no compilation lands in the trace)."""
+    import glob
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        jax.block_until_ready(fn(*args))
+        jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
+        if not files:
+            raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {tmp}")
+        with gzip.open(files[0]) as f:
+            return device_events(json.load(f))[0]
+
+
+def kernel_time(events, n: int, pattern: str) -> dict:
+    """Per unit of n (layers, steps): device busy ms, the ms of the kernels whose name contains
+    `pattern`, and the number of kernels launched."""
+    busy, span = busy_time(events)
+    mine = sum(dur for _, dur, name in events if pattern in name)
+    return {"busy_ms": busy / n / 1e3, "span_ms": span / n / 1e3, "kernel_ms": mine / n / 1e3,
+            "kernels": len(events) / n}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -625,7 +674,9 @@ def run(
             row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats, tilings)
             log(f"{n}: attention-only decode")
             dec_tilings = DECODE_TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
-            row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats, tilings=dec_tilings)
+            row["attention_decode"] = attention_decode(
+                cfg, n, setting, rate, repeats, tilings=dec_tilings, traced=jax.default_backend() == "gpu"
+            )
             log(json.dumps(row))
             if on_update:
                 on_update(result)
