@@ -2,6 +2,7 @@
 
 python -m infer.bench --contexts 32768 65536 131072 --out results/long_context_h100.json
 python -m infer.bench --plot-only results/long_context_h100.json      # redraw the PNG
+python -m infer.bench --merge a.json b.json --out results/long_context_h100.json   # runs -> one JSON
 
 Random bf16 weights and random admission (20% beyond the window by default); see
 `wgkv_jax.infer.bench` for what each part measures. Results: JSON (with device and versions)
@@ -39,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results/long_context.json"))
     p.add_argument("--plot-only", type=Path, default=None, help="redraw the PNG of an existing JSON")
+    p.add_argument(
+        "--merge", type=Path, nargs="+", default=None,
+        help="merge the JSONs of separate runs (other parts or contexts, same settings) into --out, with its PNG",
+    )  # fmt: skip
     args = p.parse_args(argv)
     for n in args.contexts:
         if n < 2 * args.chunk or n % args.chunk:
@@ -55,6 +60,16 @@ def main(argv=None) -> int:
 
     if args.plot_only:
         bench.plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
+    if args.merge:
+        missing = [str(f) for f in args.merge if not f.is_file()]
+        if missing:
+            print(f"--merge: no such file: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        merged = bench.merge_results([json.loads(f.read_text()) for f in args.merge], [f.name for f in args.merge])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=1))
+        bench.plot(merged, args.out.with_suffix(".png"))
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda res: args.out.write_text(json.dumps(res, indent=1))  # noqa: E731  after every context

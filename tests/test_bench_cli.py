@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from infer import bench as cli
+from wgkv_jax.infer import bench as bench_lib
 
 RESULT = Path(__file__).resolve().parents[1] / "results" / "long_context_h100.json"
 
@@ -36,6 +37,34 @@ def test_plot_only_redraws_png(tmp_path):
     assert cli.main(["--plot-only", str(copy)]) == 0
     png = copy.with_suffix(".png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_joins_separate_runs_and_refuses_mismatched_settings(tmp_path, capsys):
+    """Runs of other parts (or contexts) merge back into the rows of one run; a run of other
+    settings is refused by name; a missing file is an error, not an empty result."""
+    data = json.loads(RESULT.read_text())
+    parts = [{"attention_prefill", "attention_decode"}, {"end_to_end"}]
+    files = []
+    for i, keep in enumerate(parts):
+        run = dict(
+            data, contexts={c: {k: v for k, v in row.items() if k in keep} for c, row in data["contexts"].items()}
+        )
+        files.append(tmp_path / f"part{i}.json")
+        files[-1].write_text(json.dumps(run))
+    out = tmp_path / "merged.json"
+    assert cli.main(["--merge", *map(str, files), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    for c, row in data["contexts"].items():
+        for part in set().union(*parts) & set(row):
+            assert merged["contexts"][c][part] == row[part]
+    assert set(merged["runs"]) == {"part0.json", "part1.json"}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    other = dict(data, settings=dict(data["settings"], window=128))
+    with pytest.raises(ValueError, match=r"b has window=128, a has 256"):
+        bench_lib.merge_results([data, other], ["a", "b"])
+    assert cli.main(["--merge", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_batch_part_needs_a_memory_budget_when_none_is_reported():

@@ -718,6 +718,36 @@ def run(
     return result
 
 
+MERGE_SETTINGS = ("rate", "window", "chunk", "capacity_fraction", "hbm_peak_gbps", "decode_layers")
+
+
+def merge_results(results: list[dict], names: list[str] | None = None) -> dict:
+    """One result from the JSONs of several runs (parts or contexts measured in separate
+    processes, e.g. the batch part under another allocator): rows are merged per context and
+    part (a later run's part replaces an earlier one's), every run's machine is kept under
+    "runs". Runs of different settings or devices are refused."""
+    if not results:
+        raise ValueError("merge_results: no results to merge")
+    names = names or [str(i) for i in range(len(results))]
+    first = results[0]
+    out = {k: v for k, v in first.items() if k != "contexts"} | {"contexts": {}, "runs": {}}
+    for name, res in zip(names, results, strict=True):
+        for key in MERGE_SETTINGS:
+            mine, theirs = first["settings"].get(key), res["settings"].get(key)
+            if mine != theirs:
+                raise ValueError(f"merge_results: {name} has {key}={theirs!r}, {names[0]} has {mine!r}")
+        dev, dev0 = res["machine"]["device"], first["machine"]["device"]
+        if dev != dev0:
+            raise ValueError(f"merge_results: {name} ran on {dev!r}, {names[0]} on {dev0!r}")
+        out["runs"][name] = res["machine"] | {"parts": sorted({p for row in res["contexts"].values() for p in row})}
+        for ctx, row in res["contexts"].items():
+            out["contexts"].setdefault(ctx, {}).update(row)
+        if "weight_bytes" in res:
+            out["weight_bytes"] = res["weight_bytes"]
+    out["contexts"] = dict(sorted(out["contexts"].items(), key=lambda kv: int(kv[0])))
+    return out
+
+
 def plot(result: dict, path) -> None:
     """A PNG of the measured ratios: attention-only and end-to-end, full vs dual, per context."""
     import matplotlib
@@ -736,6 +766,8 @@ def plot(result: dict, path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (part, full_key, dual_key, title) in zip(axes, panels, strict=True):
         pts = [(xi, result["contexts"][c][part]) for xi, c in zip(x, ctx, strict=True) if part in result["contexts"][c]]
+        if part == "attention_decode" and all("dual_pallas_unrolled_ms" in p for _, p in pts):
+            full_key, dual_key = "full_pallas_unrolled_ms", "dual_pallas_unrolled_ms"  # as the decode step calls it
         if not pts:
             ax.set_visible(False)
             continue
@@ -750,7 +782,7 @@ def plot(result: dict, path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(v) for v in xs])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    next(ax for ax in axes if ax.get_visible()).legend(fontsize=8)
     m, st = result["machine"], result["settings"]
     fig.suptitle(
         f"Llama-3.1-8B shape, bf16, batch 1, {st['rate']:.0%} random admission, W={st['window']}: "
