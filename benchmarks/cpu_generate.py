@@ -74,9 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--layers",
         default="unrolled",
-        choices=["stacked", "unrolled"],
+        choices=["stacked", "unrolled", "fused"],
         help="our weight layout (default unrolled: the full cache then decodes on the per-layer, keys-transposed "
-        "DecodeKVCache layout)",
+        "DecodeKVCache layout; fused: the same with q/k/v and gate/up in one matmul each)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the HF model.generate decode figure")
