@@ -782,7 +782,11 @@ def plot(result: dict, path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(v) for v in xs])
         ax.grid(alpha=0.3)
-    next(ax for ax in axes if ax.get_visible()).legend(fontsize=8)
+    shown = [ax for ax in axes if ax.get_visible()]
+    if not shown:  # e.g. a batch-only run: nothing to draw
+        plt.close(fig)
+        return
+    shown[0].legend(fontsize=8)
     m, st = result["machine"], result["settings"]
     fig.suptitle(
         f"Llama-3.1-8B shape, bf16, batch 1, {st['rate']:.0%} random admission, W={st['window']}: "
