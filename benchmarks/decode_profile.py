@@ -4,6 +4,8 @@
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python benchmarks/decode_profile.py ...   # compare flags
     python benchmarks/decode_profile.py --smoke --out /tmp/decode_profile.json       # CPU, tiny model
 
+(After `pip install -e .`; from a bare checkout, prefix `PYTHONPATH=.` so that `configs` imports.)
+
 The Llama-3.1-8B-shaped stack of `infer.bench` (random bf16 weights, one buffer per layer) with a
 full cache and a dual cache filled with random K/V of the right lengths (`synthetic_full`,
 `synthetic_dual`: 20% random admission beyond the window). For each cache: ms per token of the
