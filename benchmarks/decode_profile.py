@@ -56,18 +56,12 @@ def traced_decode(params, cfg, cache, n_tokens, attend, max_steps: int, steps: i
     lengths = jnp.full((b,), n_tokens, jnp.int32)
     key = jax.random.PRNGKey(0)
 
-    def loop(cache):
+    def loop(cache):  # returns (tokens, the updated cache): the loop donates its input
         return gen.decode_loop(params, cfg, cache, first, lengths, key, GREEDY, max_steps, (), jnp.int32(steps), attend)
 
-    holder = {}
-
-    def run(cache):  # keep the updated cache: the loop donates its input
-        holder["out"] = loop(cache)
-        return holder["out"][0]
-
-    events = trace_kernels(run, cache)
+    events, (_, cache) = trace_kernels(loop, cache)
     out = kernel_summary(events, steps - 1)  # the first token comes from the prefill: steps - 1 decode steps
-    return out, holder["out"][1]
+    return out, cache
 
 
 def main(argv=None) -> int:

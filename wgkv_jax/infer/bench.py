@@ -280,7 +280,7 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=(),
 
     per_token = 2 * e * 2  # K and V bytes of one token, one head, one layer, bf16
     out, trace = {}, {}
-    traced = traced and _ragged() == "pallas"
+    traced = traced and _ragged() == "pallas"  # the GPU kernel (a trace has no device kernels on CPU)
     full = synthetic_full(cfg, batch, gen.cache_bucket(n_tokens + 1))
     full_bytes = batch * k_heads * (n_tokens + 1) * per_token
     for name, fn in (("full_xla", full_xla), ("full_pallas", full_pallas)):
@@ -353,7 +353,7 @@ def per_layer_kernels(fn, q, cache, n_layers: int) -> dict:
     much of a call is the attention kernel itself, the other kernels (merge, padding) and idle."""
     run = _all_layers(fn, n_layers, unroll=True)
     jax.block_until_ready(run(q, cache))
-    return kernel_time(trace_kernels(run, q, cache), n_layers, "wgkv_ragged_attention")
+    return kernel_time(trace_kernels(run, q, cache)[0], n_layers, "wgkv_ragged_attention")
 
 
 def check_kernel(cfg, n_tokens, setting, rate) -> dict:
@@ -441,22 +441,23 @@ def kernel_summary(events, steps: int, top: int = 15) -> dict:
     }
 
 
-def trace_kernels(fn, *args) -> list[tuple[float, float, str]]:
-    """The device kernels (start us, duration us, name) of one call of fn(*args), results blocked
-    on, under `jax.profiler` (call fn once before, so that no compilation lands in the trace)."""
+def trace_kernels(fn, *args) -> tuple[list[tuple[float, float, str]], object]:
+    """The device kernels (start us, duration us, name) of one call of fn(*args) under
+    `jax.profiler`, and the call's result (blocked on). Call fn once before, so that no
+    compilation lands in the trace."""
     import glob
     import gzip
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
-        jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args))
         jax.profiler.stop_trace()
         files = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
         if not files:
             raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {tmp}")
         with gzip.open(files[0]) as f:
-            return device_events(json.load(f))[0]
+            return device_events(json.load(f))[0], out
 
 
 def kernel_time(events, n: int, pattern: str) -> dict:
@@ -674,9 +675,7 @@ def run(
             row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats, tilings)
             log(f"{n}: attention-only decode")
             dec_tilings = DECODE_TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
-            row["attention_decode"] = attention_decode(
-                cfg, n, setting, rate, repeats, tilings=dec_tilings, traced=jax.default_backend() == "gpu"
-            )
+            row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats, tilings=dec_tilings, traced=True)
             log(json.dumps(row))
             if on_update:
                 on_update(result)
