@@ -16,9 +16,10 @@ Settings:
            ours: generate_ids stats["decode_s"] (one on-device while_loop; no EOS ids are passed, so no
            early stop, and the rows are checked to hold N tokens).
            HF manual: prefill forward, then a loop feeding one token with past_key_values (DynamicCache).
-           HF generate: model.generate(min_new_tokens=N, max_new_tokens=N) wall time minus the median
-           wall time of model.generate(max_new_tokens=1) on the same prompts (generate's own prefill
-           and setup), i.e. the time of its N - 1 decode steps.
+           HF generate: model.generate(min_new_tokens=N, max_new_tokens=N), timed from inside: a
+           StoppingCriteria (called once after every new token) records a clock, and the decode time
+           is the span from the first token (the prefill's) to the last, i.e. its N - 1 decode steps
+           with generate's own per-step logits processing and bookkeeping.
            HF generate-static (--hf-static-cache): the same with cache_implementation="static".
            The ratio ours/HF uses the fastest HF figure.
 
@@ -238,15 +239,35 @@ def hf_manual(model, ids, n_new: int) -> tuple[float, float, np.ndarray, int | N
     return prefill_s, t2 - t1, torch.stack(toks, 1).numpy(), kv_nbytes(past)
 
 
-def hf_generate(model, ids, n_new: int, cache_implementation: str | None = None) -> tuple[float, np.ndarray]:
-    """model.generate with exactly n_new greedy tokens -> (total seconds incl. prefill, new ids [B, n_new])."""
+def token_clock():
+    """A transformers StoppingCriteria that never stops generation and appends perf_counter() to its
+    `times` each time generate calls it (once per new token)."""
     import torch
+    import transformers
+
+    class TokenClock(transformers.StoppingCriteria):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    return TokenClock()
+
+
+def hf_generate(model, ids, n_new: int, cache_implementation: str | None = None) -> tuple[float, float, np.ndarray]:
+    """model.generate with exactly n_new greedy tokens -> (total seconds incl. prefill, seconds of the
+    n_new - 1 decode steps (first to last new token), new ids [B, n_new])."""
+    import torch
+    import transformers
 
     kwargs = {"cache_implementation": cache_implementation} if cache_implementation else {}
     pad = model.generation_config.pad_token_id
     if pad is None:
         eos = model.generation_config.eos_token_id
         pad = (eos[0] if isinstance(eos, list | tuple) else eos) if eos is not None else 0
+    clock = token_clock()
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -257,13 +278,16 @@ def hf_generate(model, ids, n_new: int, cache_implementation: str | None = None)
             min_new_tokens=n_new,
             max_new_tokens=n_new,
             pad_token_id=pad,
+            stopping_criteria=transformers.StoppingCriteriaList([clock]),
             **kwargs,
         )
         t1 = time.perf_counter()
     new = out[:, ids.shape[1] :].numpy()
     if new.shape != (ids.shape[0], n_new):
         raise RuntimeError(f"HF generate: expected {n_new} new tokens per row, got shape {new.shape}")
-    return t1 - t0, new
+    if len(clock.times) != n_new:
+        raise RuntimeError(f"HF generate: the step clock ran {len(clock.times)} times for {n_new} new tokens")
+    return t1 - t0, clock.times[-1] - clock.times[0], new
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -330,11 +354,10 @@ def bench_decode(args, ours, hf, prompts: np.ndarray) -> dict:
     hf_manual(hf, ids, n)
     for _, impl in variants:
         hf_generate(hf, ids, n, impl)
-        hf_generate(hf, ids, 1, impl)
 
     ours_dec, ours_pre, hf_dec, hf_pre = [], [], [], []
-    hf_gen = {name: [] for name, _ in variants}
-    hf_gen1 = {name: [] for name, _ in variants}  # generate(max_new_tokens=1): its prefill + setup
+    hf_gen = {name: [] for name, _ in variants}  # total wall seconds of each call
+    hf_gen_dec = {name: [] for name, _ in variants}  # its decode steps, clocked inside generate
     stats, ours_tok, hf_tok, hf_kv, gen_tok = {}, None, None, None, {}
     for r in range(args.repeats):
         stats, ours_tok = ours_generate(ours, prompts, n)
@@ -344,10 +367,10 @@ def bench_decode(args, ours, hf, prompts: np.ndarray) -> dict:
         hf_pre.append(p_s)
         hf_dec.append(d_s)
         for name, impl in variants:
-            total, gen_tok[name] = hf_generate(hf, ids, n, impl)
+            total, dec, gen_tok[name] = hf_generate(hf, ids, n, impl)
             hf_gen[name].append(total)
-            hf_gen1[name].append(hf_generate(hf, ids, 1, impl)[0])
-        extra = "  ".join(f"{k} {hf_gen[k][-1]:.3f}s - {hf_gen1[k][-1]:.3f}s" for k in hf_gen)
+            hf_gen_dec[name].append(dec)
+        extra = "  ".join(f"HF {k} {hf_gen_dec[k][-1]:.3f}s" for k in hf_gen)
         log(f"{tag} repeat {r}: ours {ours_dec[-1]:.3f}s  HF manual {hf_dec[-1]:.3f}s  {extra}")
 
     hf_prefill_med = median(hf_pre)
@@ -360,10 +383,9 @@ def bench_decode(args, ours, hf, prompts: np.ndarray) -> dict:
         }
     }
     for name, totals in hf_gen.items():
-        dec = [x - median(hf_gen1[name]) for x in totals]
+        dec = hf_gen_dec[name]
         hf_res[name] = {
             "total_seconds": totals,
-            "gen1_seconds": hf_gen1[name],
             "decode_seconds": dec,
             "median_s": median(dec),
             "tokens_per_s": steps / median(dec) if median(dec) > 0 else float("nan"),
