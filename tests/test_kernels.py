@@ -86,6 +86,58 @@ def test_kernel_row_without_keys_is_zero_and_merge_is_exact():
     np.testing.assert_allclose(np.asarray(one), np.asarray(many), atol=2e-6)
 
 
+def test_split_runs_cover_every_block_once_and_balance():
+    """The flash-decoding work plan: each block of (ring, open, checked) goes to exactly one split,
+    and no split reads more than its even share, however the parts are sized."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        parts = tuple(int(x) for x in rng.integers(0, 12, size=3))
+        splits = int(rng.integers(1, 9))
+        hits = [np.zeros(n, int) for n in parts]
+        for j in range(splits):
+            runs = ragged.split_run(j, parts, splits)
+            assert sum(int(c) for _, c in runs) <= -(-sum(parts) // splits)
+            for (first, count), h in zip(runs, hits, strict=True):
+                h[int(first) : int(first) + int(count)] += 1
+        assert all((h == 1).all() for h in hits), (parts, splits, hits)
+
+
+def test_merge_kernel_equals_xla_merge():
+    """merge_rows (one Pallas kernel) == merge on split partials, incl. splits and rows that saw nothing."""
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    n, s, mp, e = 3, 4, 16, 32
+    acc = jax.random.normal(ks[0], (n, s, mp, e), jnp.float32)
+    mx = 4.0 * jax.random.normal(ks[1], (n, s, mp), jnp.float32)
+    sm = jax.random.uniform(ks[2], (n, s, mp), jnp.float32, 0.5, 3.0)
+    empty = jnp.zeros((n, s, mp), bool).at[0, 1].set(True).at[2, :, 3].set(True)  # a split; a row
+    mx, sm = jnp.where(empty, ragged.NEG, mx), jnp.where(empty, 0.0, sm)
+    acc = jnp.where(empty[..., None], 0.0, acc)
+    want, _ = ragged.merge(acc, mx, sm)
+    got = ragged.merge_rows(acc, mx, sm, 5, interpret=True)
+    assert got.shape == (n, 5, e)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, :5]), atol=1e-6, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(got[2, 3]))) == 0.0
+
+
+@pytest.mark.parametrize("splits", [3, 4])  # 4: the split merge runs as a kernel; 3: in XLA
+def test_kernel_reads_stacked_lengths_at_its_layer(splits):
+    """[L, B, K] lengths (a decode step's, no per-layer slice) give the layer's [B, K] result."""
+    args = _case(7, 4, 64, jnp.float32, 1, ring=32, cap=64, window=16, lengths=[64, 17, 40, 3])
+    glen, layer = args[8], int(args[9])
+    stacked = jnp.stack([glen[::-1] // 2, glen]) if layer == 1 else None
+    assert stacked is not None and stacked.shape == (L, B, K)
+    ref = ragged.ragged_attention_reference(*args, window=16, glob_lo=16)
+    stacked_args = (*args[:8], stacked, args[9])
+    np.testing.assert_array_equal(
+        np.asarray(ragged.ragged_attention_reference(*stacked_args, window=16, glob_lo=16)), np.asarray(ref)
+    )
+    tiling = ragged.Tiling(splits=splits, block_k=16)
+    out = ragged.ragged_attention(*stacked_args, window=16, glob_lo=16, tiling=tiling, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"both \[B, K\] or both \[L, B, K\]"):
+        ragged.ragged_attention(*stacked_args, window=16, glob_lo=16, open_len_bk=glen, interpret=True)
+
+
 def test_kernel_rejects_unsupported_shapes():
     args = _case(5, 2, 64, jnp.float32, 1, ring=32, cap=40, window=16, lengths=[1, 2, 3, 4])
     with pytest.raises(ValueError, match="capacity 40 is not a multiple of 16"):

@@ -419,6 +419,10 @@ class DualAttend:
             # the entries stored before this chunk are older than every query's window: no position
             # check for them, unless this chunk's overflow put new entries into their slots
             open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
+            if isinstance(n_ok, int) and not impl.endswith("-tpu"):
+                # nothing promoted in this call (a decode step after `before_decode`): every entry is
+                # open, and the kernel reads the layer's lengths from the stacked array itself
+                new_len = open_len = new.length
             out = ragged.attend_grouped(
                 q_btkgd, pos_bt, *stacked[:5], new_len, stacked[5], window=w, glob_lo=w, impl=impl,
                 open_len_bk=open_len, table=table,

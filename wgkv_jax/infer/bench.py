@@ -269,7 +269,7 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=(),
         return ragged.attend_grouped(*args, window=0, glob_lo=0, impl=_ragged(), tiling=tiling)
 
     def dual_pallas(q, cache, layer, tiling=None):
-        n = cache.length[layer]
+        n = cache.length  # stacked [L, B, K], read at `layer` by the kernel, as a decode step passes it
         return ragged.attend_grouped(
             q, pos, cache.ring_k, cache.ring_v, cache.glob_k, cache.glob_v, cache.glob_pos, n,
             layer, window=w, glob_lo=w, impl=_ragged(), open_len_bk=n, tiling=tiling,
@@ -368,6 +368,10 @@ def check_kernel(cfg, n_tokens, setting, rate) -> dict:
         out = ragged.attend_grouped(*args, window=setting.window, glob_lo=setting.window, impl=_ragged())
         ref = ragged.attend_grouped(*args, window=setting.window, glob_lo=setting.window, impl="reference")
         res[f"rel_err_t{t}"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        if t == 1:  # as a decode step calls it: the stacked lengths, read by the kernel at its layer
+            kw = dict(window=setting.window, glob_lo=setting.window, impl=_ragged(), open_len_bk=dual.length)
+            out = ragged.attend_grouped(*args[:7], dual.length, 0, **kw)
+            res["rel_err_t1_stacked"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     return res
 
 

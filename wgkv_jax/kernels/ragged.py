@@ -84,6 +84,11 @@ def prefill_tiling(n_rows: int) -> Tiling:
 # ----------------------------------------------------------------------------- reference
 
 
+def layer_lengths(len_bk, layer):
+    """A layer's [B, K] lengths from [B, K] or layer-stacked [L, B, K] ones (None stays None)."""
+    return len_bk[layer] if len_bk is not None and len_bk.ndim == 3 else len_bk
+
+
 def _ring_positions(end_b, ring: int):
     slot_r = jnp.arange(ring)
     return end_b[:, None] - ring + jnp.mod(slot_r[None, :] - end_b[:, None], ring)
@@ -95,9 +100,11 @@ def ragged_attention_reference(
     """Dense float32 oracle with the kernel's signature and semantics. Returns [B, K, M, E] float32.
 
     ring_k/ring_v: [L, B, K, R, E] or None (no ring); glob_pos: [L, B, K, C] or None (slot ==
-    position). Rows whose query sees no key come out as zeros.
+    position); glob_len_bk: [B, K] or layer-stacked [L, B, K]. Rows whose query sees no key come
+    out as zeros.
     """
     b, k, _, e = q_bkme.shape
+    glob_len_bk = layer_lengths(glob_len_bk, layer)
     q = q_bkme.astype(jnp.float32) * e**-0.5
     scores, values = [], []
     if ring_k is not None:
@@ -153,11 +160,13 @@ def _kernel(
     scale,
     precision,
     skip_open,
+    stacked_len,
 ):
     n, j = pl.program_id(0), pl.program_id(2)
     b, h = n // n_kv, n % n_kv
     splits = tiling.splits
     layer = layer_ref[0]
+    lrow = layer if stacked_len else 0  # lengths come [L, N] (per layer) or [1, N]
     q = q_ref[...]  # [bm, e]
     qpos = qpos_ref[...]  # [bm]
     bm, e = q.shape
@@ -178,32 +187,21 @@ def _kernel(
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, mx_new, sm
 
-    def share(n_blocks):  # split j's blocks of n_blocks: [first, first + count)
-        per = pl.cdiv(n_blocks, splits)
-        first = jnp.minimum(j * per, n_blocks)
-        return first, jnp.minimum(per, n_blocks - first)
-
-    carry = (jnp.zeros((bm, e), jnp.float32), jnp.full((bm,), NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
-
+    # The blocks of this (row, head) come in three parts, read in turn: the ring's, the open
+    # global slots', the checked global slots'. Split j reads its run of `per` consecutive blocks
+    # of that sequence, so the S programs of a head read the same number of blocks (a part's
+    # blocks are not dealt out separately, which would give the first splits one block of each).
     if rk_ref is not None:
         # ring: only the positions some row of this block can see, [qmin - W + 1, qmax], in
-        # blocks aligned to bk (R is a multiple of bk, so a block never wraps around the ring)
-        bk = _block(ring, tiling.block_k)
+        # blocks aligned to rbk (R is a multiple of rbk, so a block never wraps around the ring)
+        rbk = _block(ring, tiling.block_k)
         end = end_ref[b]
         oldest = jnp.maximum(end - ring, 0)  # the ring holds positions [end - R, end)
         lo = jnp.maximum(qmin - window + 1, oldest)
-        p0 = (lo // bk) * bk
-        first, count = share(jnp.where(qmax >= lo, pl.cdiv(qmax + 1 - p0, bk), 0))
-
-        def ring_body(i, carry):
-            start = p0 + (first + i) * bk
-            pos = start + jnp.arange(bk)
-            d = qpos[:, None] - pos[None, :]
-            ok = (d >= 0) & (d < window) & (pos >= oldest)[None, :]
-            at = (layer, b, h, pl.ds(jax.lax.rem(start, ring), bk), slice(None))
-            return step(carry, rk_ref[at], rv_ref[at], ok)
-
-        carry = jax.lax.fori_loop(0, count, ring_body, carry)
+        p0 = (lo // rbk) * rbk
+        n_ring = jnp.where(qmax >= lo, pl.cdiv(qmax + 1 - p0, rbk), 0)
+    else:
+        n_ring = 0
 
     # global store: slots [0, n_open) are visible to every row (no mask, no position load);
     # slots [n_open, glen) are checked against their positions. A paged store (table_ref) keeps
@@ -219,25 +217,44 @@ def _kernel(
         def kv_at(start):
             return (table_ref[layer, b, h, start // bk], slice(None), slice(None))
 
-    glen = glen_ref[n]
+    glen = glen_ref[lrow, n]
     if gpos_ref is None:  # slot == position: causal block skipping
         glen = jnp.minimum(glen, qmax + 1 - glob_lo)
         n_open = jnp.clip(qmin + 1 - glob_lo, 0, glen)
     else:
-        n_open = jnp.minimum(open_ref[n], glen)
+        n_open = jnp.minimum(open_ref[lrow, n], glen)
     if skip_open:  # the open part is attended elsewhere (cuDNN): the checked part starts right after it
-        base = n_open
+        n_open_blocks, base = 0, n_open
     else:
         n_open_blocks = n_open // bk
-        first, count = share(n_open_blocks)
+        base = n_open_blocks * bk
+    n_checked = pl.cdiv(jnp.maximum(glen - base, 0), bk)
+
+    runs = split_run(j, (n_ring, n_open_blocks, n_checked), splits)
+    carry = (jnp.zeros((bm, e), jnp.float32), jnp.full((bm,), NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
+
+    if rk_ref is not None:
+        first, count = runs[0]
+
+        def ring_body(i, carry):
+            start = p0 + (first + i) * rbk
+            pos = start + jnp.arange(rbk)
+            d = qpos[:, None] - pos[None, :]
+            ok = (d >= 0) & (d < window) & (pos >= oldest)[None, :]
+            at = (layer, b, h, pl.ds(jax.lax.rem(start, ring), rbk), slice(None))
+            return step(carry, rk_ref[at], rv_ref[at], ok)
+
+        carry = jax.lax.fori_loop(0, count, ring_body, carry)
+
+    if not skip_open:
+        first, count = runs[1]
 
         def open_body(i, carry):
             at = kv_at((first + i) * bk)
             return step(carry, gk_ref[at], gv_ref[at], None)
 
         carry = jax.lax.fori_loop(0, count, open_body, carry)
-        base = n_open_blocks * bk
-    first, count = share(pl.cdiv(jnp.maximum(glen - base, 0), bk))
+    first, count = runs[2]
 
     def glob_body(i, carry):
         start = base + (first + i) * bk
@@ -254,6 +271,22 @@ def _kernel(
     o_ref[...] = acc
     m_ref[...] = mx
     l_ref[...] = sm
+
+
+def split_run(j, part_blocks, splits: int):
+    """Split j's share of a sequence of parts (their block counts, read in order): the run of
+    cdiv(total, splits) consecutive blocks starting at j * that, as (first, count) within each part.
+    Every block goes to exactly one split and no split reads more than cdiv(total, splits)."""
+    total = sum(part_blocks)
+    per = (total + splits - 1) // splits
+    lo = jnp.minimum(j * per, total)
+    hi = jnp.minimum(lo + per, total)
+    runs, offset = [], 0
+    for n in part_blocks:
+        first = jnp.clip(lo - offset, 0, n)
+        runs.append((first, jnp.clip(hi - offset, 0, n) - first))
+        offset = offset + n
+    return runs
 
 
 def _block(size: int, most: int) -> int:
@@ -274,6 +307,36 @@ def merge(acc_njme, mx_njm, sm_njm):
     seen = sm > 0
     o = jnp.where(seen[..., None], acc / jnp.where(seen, sm, 1.0)[..., None], 0.0)
     return o, jnp.where(seen, top + jnp.log2(jnp.where(seen, sm, 1.0)), -jnp.inf)
+
+
+def _merge_kernel(acc_ref, mx_ref, sm_ref, o_ref):
+    """One output row of one (row, head): the S split partials [S, E] combined by their maxima."""
+    mx = mx_ref[...]  # [S]
+    w = jnp.exp2(mx - jnp.max(mx))
+    sm = jnp.sum(w * sm_ref[...])
+    o = jnp.sum(w[:, None] * acc_ref[...], axis=0)
+    o_ref[...] = jnp.where(sm > 0, o / jnp.where(sm > 0, sm, 1.0), 0.0)
+
+
+def merge_rows(acc_njme, mx_njm, sm_njm, rows: int, *, interpret: bool = False):
+    """`merge`'s output as one small Pallas kernel, for the first `rows` query rows only: [N, rows, E]
+    float32. A decode step's split merge is then one launch (XLA needs a reduction for the maxima,
+    then the weighted sums, then the padding slice). Needs S to be a power of two."""
+    n, s, _, e = acc_njme.shape
+    return pl.pallas_call(
+        _merge_kernel,
+        grid=(n, rows),
+        in_specs=[
+            pl.BlockSpec((None, s, None, e), lambda i, r: (i, 0, r, 0)),
+            pl.BlockSpec((None, s, None), lambda i, r: (i, 0, r)),
+            pl.BlockSpec((None, s, None), lambda i, r: (i, 0, r)),
+        ],
+        out_specs=pl.BlockSpec((None, None, e), lambda i, r: (i, r, 0)),
+        out_shape=jax.ShapeDtypeStruct((n, rows, e), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="wgkv_ragged_merge",
+    )(acc_njme, mx_njm, sm_njm)
 
 
 def merge_normalised(o1, lse1, o2, lse2):
@@ -317,6 +380,10 @@ def ragged_attention(
     open_len_bk [B, K]: the first global slots of each head that every query row may see (no
     position check: for a dual-cache chunk, the entries stored before it). With `skip_open`
     those slots are left out (attended by another kernel and merged through `return_lse`).
+    glob_len_bk and open_len_bk may also come stacked like the buffers, [L, B, K]: the kernel then
+    reads the layer's row itself (a decode step passes the cache's lengths with no per-layer slice).
+    Splits are merged by `merge_rows` (one kernel) when S > 1 is a power of two and no LSE is asked
+    for, else by `merge` in XLA.
     Needs the ring size and the capacity to be multiples of 16 (see `unsupported`).
     """
     b, k, m, e = q_bkme.shape
@@ -334,6 +401,7 @@ def ragged_attention(
     qpos = jnp.pad(q_pos_bm.astype(jnp.int32), ((0, 0), (0, mp - m)), constant_values=-(2**30))
     ring = 0 if ring_k is None else ring_k.shape[3]
     precision = "highest" if glob_k.dtype == jnp.float32 else None
+    stacked_len = glob_len_bk.ndim == 3
     kernel = functools.partial(
         _kernel,
         n_kv=k,
@@ -344,9 +412,16 @@ def ragged_attention(
         scale=e**-0.5,
         precision=precision,
         skip_open=skip_open,
+        stacked_len=stacked_len,
     )
     if open_len_bk is None:
-        open_len_bk = jnp.zeros((b, k), jnp.int32)
+        open_len_bk = jnp.zeros_like(glob_len_bk)
+    if open_len_bk.ndim != glob_len_bk.ndim:
+        raise ValueError(
+            f"glob_len_bk {glob_len_bk.shape} and open_len_bk {open_len_bk.shape}: both [B, K] or both [L, B, K]"
+        )
+    glen_ln = glob_len_bk.reshape(-1, b * k).astype(jnp.int32)  # [L or 1, N]
+    open_ln = open_len_bk.reshape(-1, b * k).astype(jnp.int32)
     end_b = jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32)
     full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
     grid = (b * k, mp // bm, s)
@@ -356,8 +431,8 @@ def ragged_attention(
         in_specs=[
             full(jnp.zeros(1)),
             full(end_b),
-            full(glob_len_bk.reshape(-1)),
-            full(glob_len_bk.reshape(-1)),
+            full(glen_ln),
+            full(open_ln),
             pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0)),
             pl.BlockSpec((None, bm), lambda n, i, j: (n // k, i)),
             full(ring_k),
@@ -383,8 +458,8 @@ def ragged_attention(
     )(
         jnp.reshape(layer, (1,)).astype(jnp.int32),
         end_b,
-        glob_len_bk.reshape(-1).astype(jnp.int32),
-        open_len_bk.reshape(-1).astype(jnp.int32),
+        glen_ln,
+        open_ln,
         q,
         qpos,
         ring_k,
@@ -394,6 +469,8 @@ def ragged_attention(
         glob_pos,
         None if table is None else table.astype(jnp.int32),
     )
+    if s > 1 and not s & (s - 1) and not return_lse:
+        return merge_rows(acc, mx, sm, m, interpret=interpret).reshape(b, k, m, e)
     o, lse = merge(acc, mx, sm)
     o = o[:, :m].reshape(b, k, m, e)
     return (o, lse[:, :m].reshape(b, k, m)) if return_lse else o
@@ -438,8 +515,9 @@ def paged_reference(q_bkme, q_pos_bm, ring_k, ring_v, ring_end_b, pool_k, pool_v
     rk = None if ring_k is None else ring_k[layer][None]
     rv = None if ring_v is None else ring_v[layer][None]
     gpos = None if glob_pos is None else glob_pos[layer][None]
+    glen = layer_lengths(glob_len_bk, layer)
     return ragged_attention_reference(
-        q_bkme, q_pos_bm, rk, rv, ring_end_b, gk, gv, gpos, glob_len_bk, 0, window=window, glob_lo=glob_lo
+        q_bkme, q_pos_bm, rk, rv, ring_end_b, gk, gv, gpos, glen, 0, window=window, glob_lo=glob_lo
     )
 
 
@@ -457,13 +535,14 @@ def attend_grouped(
     "interpret-tpu" (the Mosaic TPU kernel of `ragged_tpu`, compiled / in TPU interpret mode). `tiling` overrides
     the kernel's default tiles (`decode_tiling` / `prefill_tiling`). `table`: glob_k / glob_v are
     the page pools of a paged store read through this page table (GPU kernel or reference; not TPU).
+    glob_len_bk / open_len_bk: [B, K], or stacked [L, B, K] (read at `layer`).
     """
     b, t, k, g, e = q_btkge.shape
     if table is not None and impl.endswith("-tpu"):
         raise ValueError(f"impl={impl!r}: the TPU kernel does not read a paged store; pass its gathered view")
     if impl in ("pallas-tpu", "interpret-tpu"):
         return ragged_tpu.attend_grouped_tpu(
-            q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer,
+            q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, layer_lengths(glob_len_bk, layer), layer,
             window=window, glob_lo=glob_lo, interpret=impl == "interpret-tpu",
         )  # fmt: skip
     q_bkme = jnp.swapaxes(q_btkge, 1, 2).reshape(b, k, t * g, e)
@@ -485,7 +564,9 @@ def attend_grouped(
         o_k, lse_k = ragged_attention(
             *args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, return_lse=True
         )
-        o_c, lse_c = _open_attention(q_btkge, glob_k[layer], glob_v[layer], open_len_bk, cudnn=impl == "cudnn")
+        o_c, lse_c = _open_attention(
+            q_btkge, glob_k[layer], glob_v[layer], layer_lengths(open_len_bk, layer), cudnn=impl == "cudnn"
+        )
         o = merge_normalised(o_k, lse_k, o_c, lse_c)
     return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2)
 
