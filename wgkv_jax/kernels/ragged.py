@@ -7,15 +7,17 @@ One kernel serves prefill chunks and decode steps. Per (row b, KV head h) the ke
   * the global store: slot c < length[b, h] holds position gpos[c]; query i sees it when
     i - gpos >= glob_lo (W for the dual cache, 0 for a plain full cache whose slot == position).
 
-Work split (flash-decoding): the grid is (B*K, query blocks, S splits). A program reads
+Work split (flash-decoding): the grid is (B*K, query blocks, S splits). A query block reads
   * of the ring, only the positions its query block can see ([min q - W + 1, max q], in blocks
-    aligned so that none wraps around the ring), its split's share of them;
-  * of the global store, its split's share of the head's *own* length, so the S programs of a
-    head get equal work whatever the head's length and blocks past the length are never read.
+    aligned so that none wraps around the ring);
+  * of the global store, the blocks of the head's *own* length (blocks past it are never read).
     The first `open_len` slots (entries every query of the block sees: for a dual-cache chunk,
     those stored before it) need no position check; the rest are checked against `glob_pos`.
-Programs write unnormalised partials (acc, max, sum; log2 units) that `merge` combines with
-log-sum-exp weights.
+  Ring, open and checked blocks form one sequence per (row, head), and split j reads its run of
+  cdiv(total, S) consecutive blocks of it (`split_run`), so the S programs of a head read the same
+  number of blocks whatever the head's length.
+Programs write unnormalised partials (acc, max, sum; log2 units) that `merge` (XLA) or
+`merge_rows` (one small kernel, decode) combine with log-sum-exp weights.
 
 The kernel reads the layer-stacked cache buffers in place ([L, B, K, S, E] plus a layer index),
 so no per-layer slice is copied before the call.
