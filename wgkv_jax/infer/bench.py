@@ -323,6 +323,10 @@ def attention_decode(cfg, n_tokens, setting, rate, repeats, batch=1, tilings=(),
     if traced:  # kernel time alone, from a device trace of the unrolled calls
         out["trace"] = trace
         out["speedup_kernel_only"] = trace["full_pallas"]["kernel_ms"] / trace["dual_pallas"]["kernel_ms"]
+        # device time per call: the traced program's span (first kernel start to last kernel end) per
+        # layer, i.e. every kernel of the calls and the gaps between them, without the program's own
+        # dispatch and sync (paid once per decode step, whatever the step holds)
+        out["speedup_device_time"] = trace["full_pallas"]["span_ms"] / trace["dual_pallas"]["span_ms"]
     return out
 
 
