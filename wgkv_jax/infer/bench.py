@@ -773,7 +773,11 @@ def plot(result: dict, path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (part, full_key, dual_key, title) in zip(axes, panels, strict=True):
         pts = [(xi, result["contexts"][c][part]) for xi, c in zip(x, ctx, strict=True) if part in result["contexts"][c]]
-        if part == "attention_decode" and all("dual_pallas_unrolled_ms" in p for _, p in pts):
+        if part == "attention_decode" and pts and all("trace" in p for _, p in pts):
+            # device time per call, from the trace of the unrolled calls (as the decode step calls them)
+            pts = [(xi, {k: p["trace"][f"{k}_pallas"]["span_ms"] for k in ("full", "dual")}) for xi, p in pts]
+            full_key, dual_key, title = "full", "dual", "decode attention, 1 layer (ms, device time)"
+        elif part == "attention_decode" and all("dual_pallas_unrolled_ms" in p for _, p in pts):
             full_key, dual_key = "full_pallas_unrolled_ms", "dual_pallas_unrolled_ms"  # as the decode step calls it
         if not pts:
             ax.set_visible(False)
