@@ -124,8 +124,9 @@ def test_kernel_reads_stacked_lengths_at_its_layer(splits):
     """[L, B, K] lengths (a decode step's, no per-layer slice) give the layer's [B, K] result."""
     args = _case(7, 4, 64, jnp.float32, 1, ring=32, cap=64, window=16, lengths=[64, 17, 40, 3])
     glen, layer = args[8], int(args[9])
-    stacked = jnp.stack([glen[::-1] // 2, glen]) if layer == 1 else None
-    assert stacked is not None and stacked.shape == (L, B, K)
+    assert layer == 1
+    stacked = jnp.stack([glen[::-1] // 2, glen])  # layer 0 holds other lengths
+    assert stacked.shape == (L, B, K)
     ref = ragged.ragged_attention_reference(*args, window=16, glob_lo=16)
     stacked_args = (*args[:8], stacked, args[9])
     np.testing.assert_array_equal(

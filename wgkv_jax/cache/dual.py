@@ -391,7 +391,8 @@ class DualAttend:
             cache, ring_k=ring_k, ring_v=ring_v, ring_kpre=ring_kpre, ring_admit=ring_admit, ring_score=ring_score
         )
         n_ok = 0
-        if not (t == 1 and self.batched_promotion):
+        promotes = not (t == 1 and self.batched_promotion)
+        if promotes:
             new, n_ok = _promote(new, c0_b[:, None] - w + jnp.arange(t)[None, :], layer)
         glob_pos, new_len = new.glob_pos, new.length[layer]
         gk_l, gv_l = new.store_kv(layer)  # [B, K, C, E] (a paged store gathers its pages)
@@ -418,10 +419,10 @@ class DualAttend:
         if impl != "reference":
             # the entries stored before this chunk are older than every query's window: no position
             # check for them, unless this chunk's overflow put new entries into their slots
-            open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
-            if isinstance(n_ok, int) and not impl.endswith("-tpu"):
-                # nothing promoted in this call (a decode step after `before_decode`): every entry is
-                # open, and the kernel reads the layer's lengths from the stacked array itself
+            if promotes or impl.endswith("-tpu"):
+                open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
+            else:  # a decode step after `before_decode`: nothing promoted here, every entry is open,
+                # and the kernel reads the layer's lengths from the stacked array itself
                 new_len = open_len = new.length
             out = ragged.attend_grouped(
                 q_btkgd, pos_bt, *stacked[:5], new_len, stacked[5], window=w, glob_lo=w, impl=impl,
