@@ -86,6 +86,41 @@ def test_kernel_row_without_keys_is_zero_and_merge_is_exact():
     np.testing.assert_allclose(np.asarray(one), np.asarray(many), atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_open_part_elsewhere_folds_into_the_kernel(dtype):
+    """The prefill split: the open global slots through a flash attention (XLA here, cuDNN on GPU),
+    the ring and the checked slots through the kernel, which folds the first result into its
+    epilogue (`prior`) == the dense reference; row 1's heads have no open slot."""
+    t, g, e, window = 8, 4, 64, 16
+    q, q_pos, rk, rv, _, gk, gv, gpos, glen, layer = _case(
+        11, g, e, dtype, t, ring=32, cap=64, window=window, lengths=[64, 17, 40, 3]
+    )
+    stored_before = gpos[layer] <= jnp.min(q_pos, axis=1)[:, None, None] - window
+    open_len = jnp.sum((jnp.arange(64) < glen[..., None]) & stored_before, axis=-1)
+    assert int(open_len[1].max()) == 0 and int(open_len[0, 0]) > 16  # open blocks and partial blocks
+    args = (jnp.swapaxes(q.reshape(B, K, t, g, e), 1, 2), q_pos[:, ::g], rk, rv, gk, gv, gpos, glen, layer)
+    kw = dict(window=window, glob_lo=window, open_len_bk=open_len)
+    out = ragged.attend_grouped(*args, **kw, impl="interpret-xla")
+    ref = ragged.attend_grouped(*args, **kw, impl="reference")
+    assert out.dtype == jnp.float32
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
+
+
+def test_prior_without_keys_changes_nothing_and_bad_priors_are_refused():
+    args = _case(12, 2, 64, jnp.float32, 1, ring=32, cap=64, window=16, lengths=[64, 17, 0, 3])
+    kw = dict(window=16, glob_lo=16, interpret=True, tiling=ragged.Tiling(splits=1))
+    none = (jnp.ones(args[0].shape), jnp.full(args[0].shape[:3], -jnp.inf))  # a prior over no key
+    np.testing.assert_allclose(
+        np.asarray(ragged.ragged_attention(*args, **kw, prior=none)), np.asarray(ragged.ragged_attention(*args, **kw)),
+        atol=1e-6,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"prior needs one split.*splits=2"):
+        ragged.ragged_attention(*args, **{**kw, "tiling": ragged.Tiling(splits=2)}, prior=none)
+    with pytest.raises(ValueError, match="prior shapes"):
+        ragged.ragged_attention(*args, **kw, prior=(none[0][:, :1], none[1]))
+
+
 def test_split_runs_cover_every_block_once_and_balance():
     """The flash-decoding work plan: each block of (ring, open, checked) goes to exactly one split,
     and no split reads more than its even share, however the parts are sized."""

@@ -17,7 +17,8 @@ Work split (flash-decoding): the grid is (B*K, query blocks, S splits). A query 
   cdiv(total, S) consecutive blocks of it (`split_run`), so the S programs of a head read the same
   number of blocks whatever the head's length.
 Programs write unnormalised partials (acc, max, sum; log2 units) that `merge` (XLA) or
-`merge_rows` (one small kernel, decode) combine with log-sum-exp weights.
+`merge_rows` (one small kernel, decode) combine with log-sum-exp weights. A prefill chunk whose
+open slots went through cuDNN runs one split and folds cuDNN's (o, lse) into its epilogue (`prior`).
 
 The kernel reads the layer-stacked cache buffers in place ([L, B, K, S, E] plus a layer index),
 so no per-layer slice is copied before the call.
@@ -150,9 +151,11 @@ def _kernel(
     gv_ref,
     gpos_ref,
     table_ref,
+    po_ref,
+    plse_ref,
     o_ref,
-    m_ref,
-    l_ref,
+    m_ref=None,
+    l_ref=None,
     *,
     n_kv,
     window,
@@ -270,9 +273,19 @@ def _kernel(
         return step(carry, k, v, ok)
 
     acc, mx, sm = jax.lax.fori_loop(0, count, glob_body, carry)
-    o_ref[...] = acc
-    m_ref[...] = mx
-    l_ref[...] = sm
+    if po_ref is None:
+        o_ref[...] = acc
+        m_ref[...] = mx
+        l_ref[...] = sm
+        return
+    # one split with a prior result over other keys (normalised o, log2-sum-exp): fold it in and
+    # write the final output, instead of partials that an XLA merge would read back
+    plse = plse_ref[...]
+    top = jnp.maximum(mx, plse)  # finite: mx >= NEG
+    a, c = jnp.exp2(mx - top), jnp.exp2(plse - top)
+    den = sm * a + c
+    out = (acc * a[:, None] + po_ref[...].astype(jnp.float32) * c[:, None]) / jnp.where(den > 0, den, 1.0)[:, None]
+    o_ref[...] = jnp.where(den[:, None] > 0, out, 0.0)
 
 
 def split_run(j, part_blocks, splits: int):
@@ -341,17 +354,6 @@ def merge_rows(acc_njme, mx_njm, sm_njm, rows: int, *, interpret: bool = False):
     )(acc_njme, mx_njm, sm_njm)
 
 
-def merge_normalised(o1, lse1, o2, lse2):
-    """Combine two normalised attention results over disjoint key sets by their log2-sum-exps."""
-    top = jnp.maximum(lse1, lse2)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w1, w2 = jnp.exp2(lse1 - top), jnp.exp2(lse2 - top)
-    den = w1 + w2
-    return jnp.where(
-        den[..., None] > 0, (w1[..., None] * o1 + w2[..., None] * o2) / jnp.where(den > 0, den, 1.0)[..., None], 0.0
-    )
-
-
 def ragged_attention(
     q_bkme,
     q_pos_bm,
@@ -370,7 +372,7 @@ def ragged_attention(
     interpret: bool = False,
     open_len_bk=None,
     skip_open: bool = False,
-    return_lse: bool = False,
+    prior=None,
     table=None,
 ):
     """The Pallas kernel; same signature and result as `ragged_attention_reference`.
@@ -381,11 +383,13 @@ def ragged_attention(
 
     open_len_bk [B, K]: the first global slots of each head that every query row may see (no
     position check: for a dual-cache chunk, the entries stored before it). With `skip_open`
-    those slots are left out (attended by another kernel and merged through `return_lse`).
+    those slots are left out (attended by another kernel, whose result comes back through `prior`).
+    prior: (o [B, K, M, E], log2-sum-exp [B, K, M]) of the same queries over keys this call does not
+    read (-inf where a row saw none); the kernel folds it into its epilogue and returns the
+    combined attention (float32). Needs one split.
     glob_len_bk and open_len_bk may also come stacked like the buffers, [L, B, K]: the kernel then
     reads the layer's row itself (a decode step passes the cache's lengths with no per-layer slice).
-    Splits are merged by `merge_rows` (one kernel) when S > 1 is a power of two and no LSE is asked
-    for, else by `merge` in XLA.
+    Splits are merged by `merge_rows` (one kernel) when S > 1 is a power of two, else by `merge` in XLA.
     Needs the ring size and the capacity to be multiples of 16 (see `unsupported`).
     """
     b, k, m, e = q_bkme.shape
@@ -397,6 +401,8 @@ def ragged_attention(
     )
     if problem:
         raise ValueError(problem)
+    if prior is not None and tiling.splits != 1:
+        raise ValueError(f"prior needs one split (the kernel writes the final output), got splits={tiling.splits}")
     bm, s = tiling.block_m, tiling.splits
     mp = pl.cdiv(m, bm) * bm
     q = jnp.pad(q_bkme, ((0, 0), (0, 0), (0, mp - m), (0, 0))).reshape(b * k, mp, e).astype(glob_k.dtype)
@@ -427,7 +433,29 @@ def ragged_attention(
     end_b = jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32)
     full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
     grid = (b * k, mp // bm, s)
-    acc, mx, sm = pl.pallas_call(
+    po = plse = None
+    if prior is None:
+        out_specs = [
+            pl.BlockSpec((None, None, bm, e), lambda n, i, j: (n, j, i, 0)),
+            pl.BlockSpec((None, None, bm), lambda n, i, j: (n, j, i)),
+            pl.BlockSpec((None, None, bm), lambda n, i, j: (n, j, i)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((b * k, s, mp, e), jnp.float32),
+            jax.ShapeDtypeStruct((b * k, s, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b * k, s, mp), jnp.float32),
+        ]
+    else:
+        po_bkme, plse_bkm = prior
+        if po_bkme.shape != q_bkme.shape or plse_bkm.shape != q_bkme.shape[:3]:
+            want = (q_bkme.shape, q_bkme.shape[:3])
+            raise ValueError(f"prior shapes {po_bkme.shape}, {plse_bkm.shape}: expected {want[0]}, {want[1]}")
+        po = jnp.pad(po_bkme, ((0, 0), (0, 0), (0, mp - m), (0, 0))).reshape(b * k, mp, e)
+        plse = jnp.pad(plse_bkm.astype(jnp.float32), ((0, 0), (0, 0), (0, mp - m)), constant_values=-jnp.inf)
+        plse = plse.reshape(b * k, mp)
+        out_specs = [pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0))]
+        out_shape = [jax.ShapeDtypeStruct((b * k, mp, e), jnp.float32)]
+    outs = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[
@@ -443,17 +471,11 @@ def ragged_attention(
             full(glob_v),
             full(glob_pos),
             full(table),
+            None if po is None else pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0)),
+            None if plse is None else pl.BlockSpec((None, bm), lambda n, i, j: (n, i)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, bm, e), lambda n, i, j: (n, j, i, 0)),
-            pl.BlockSpec((None, None, bm), lambda n, i, j: (n, j, i)),
-            pl.BlockSpec((None, None, bm), lambda n, i, j: (n, j, i)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b * k, s, mp, e), jnp.float32),
-            jax.ShapeDtypeStruct((b * k, s, mp), jnp.float32),
-            jax.ShapeDtypeStruct((b * k, s, mp), jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="wgkv_ragged_attention",
@@ -470,12 +492,15 @@ def ragged_attention(
         glob_v,
         glob_pos,
         None if table is None else table.astype(jnp.int32),
+        po,
+        plse,
     )
-    if s > 1 and not s & (s - 1) and not return_lse:
+    if prior is not None:
+        return outs[0][:, :m].reshape(b, k, m, e)
+    acc, mx, sm = outs
+    if s > 1 and not s & (s - 1):
         return merge_rows(acc, mx, sm, m, interpret=interpret).reshape(b, k, m, e)
-    o, lse = merge(acc, mx, sm)
-    o = o[:, :m].reshape(b, k, m, e)
-    return (o, lse[:, :m].reshape(b, k, m)) if return_lse else o
+    return merge(acc, mx, sm)[0][:, :m].reshape(b, k, m, e)
 
 
 def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
@@ -562,21 +587,18 @@ def attend_grouped(
         o = ragged_attention_reference(*args, window=window, glob_lo=glob_lo)
     elif not split:
         o = ragged_attention(*args, **kw, tiling=tiling, interpret=impl.startswith("interpret"))
-    else:
-        o_k, lse_k = ragged_attention(
-            *args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, return_lse=True
-        )
-        o_c, lse_c = _open_attention(
+    else:  # cuDNN over the open slots first; the kernel reads the rest and folds cuDNN's result in
+        prior = _open_attention(
             q_btkge, glob_k[layer], glob_v[layer], layer_lengths(open_len_bk, layer), cudnn=impl == "cudnn"
         )
-        o = merge_normalised(o_k, lse_k, o_c, lse_c)
+        o = ragged_attention(*args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, prior=prior)
     return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2)
 
 
 def _open_attention(q_btkge, k_bkce, v_bkce, open_len_bk, *, cudnn: bool):
     """Non-causal attention of every query over the first open_len global slots of its head, with
-    (b, k) folded into the batch (one KV head each, G query heads). Returns ([B, K, M, E] float32,
-    log2-sum-exp [B, K, M], -inf where a head has no open slot)."""
+    (b, k) folded into the batch (one KV head each, G query heads). Returns ([B, K, M, E] in the
+    cache's dtype, log2-sum-exp [B, K, M] float32, -inf where a head has no open slot)."""
     b, t, k, g, e = q_btkge.shape
     cap = k_bkce.shape[2]
     q = jnp.swapaxes(q_btkge, 1, 2).reshape(b * k, t, g, e).astype(k_bkce.dtype)
@@ -588,4 +610,4 @@ def _open_attention(q_btkge, k_bkce, v_bkce, open_len_bk, *, cudnn: bool):
     if lse.shape[1] != t:  # [N, G, T] -> [N, T, G]
         lse = jnp.swapaxes(lse, 1, 2)
     lse = jnp.where(lens[:, None, None] > 0, lse.astype(jnp.float32) * LOG2E, -jnp.inf)
-    return o.astype(jnp.float32).reshape(b, k, t * g, e), lse.reshape(b, k, t * g)
+    return o.reshape(b, k, t * g, e), lse.reshape(b, k, t * g)
