@@ -107,6 +107,57 @@ def test_open_part_elsewhere_folds_into_the_kernel(dtype):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
 
 
+def _chunk_case(seed, dtype, *, t=64, g=2, e=64, window=16, cap=128, ring=96):
+    """A dual-cache prefill chunk: per head, slots stored before it (open) then slots stored during it
+    (positions in [c0 - W, c0 + t - W), seen by the chunk's later queries only), in position order."""
+    rng = np.random.default_rng(seed)
+    end_b = np.array([400, 150])
+    c0 = end_b - t
+    gpos = np.full((L, B, K, cap), 10**6, np.int64)
+    n_open, glen = np.zeros((B, K), np.int32), np.zeros((B, K), np.int32)
+    for b in range(B):
+        for k in range(K):
+            o, c = int(rng.integers(0, 40)), int(rng.integers(5, 40))
+            o = 0 if (b, k) == (1, 0) else o  # a head with nothing stored before the chunk
+            for layer in range(L):
+                before = np.sort(rng.choice(c0[b] - window, o, replace=False))
+                during = np.sort(rng.choice(np.arange(c0[b] - window, c0[b] + t - window), c, replace=False))
+                gpos[layer, b, k, : o + c] = np.concatenate([before, during])
+            n_open[b, k], glen[b, k] = o, o + c
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (B, K, t * g, e), jnp.float32).astype(dtype)
+    rk, rv, gk, gv = (
+        jax.random.normal(kk, shape, jnp.float32).astype(dtype)
+        for kk, shape in zip(ks[1:], [(L, B, K, ring, e)] * 2 + [(L, B, K, cap, e)] * 2, strict=True)
+    )
+    q_pos = jnp.repeat(jnp.asarray(c0[:, None] + np.arange(t)[None]), g, axis=1)
+    args = (q, q_pos, rk, rv, jnp.asarray(end_b), gk, gv, jnp.asarray(gpos, jnp.int32), jnp.asarray(glen), jnp.int32(1))
+    return args, jnp.asarray(n_open)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_early_query_blocks_stop_at_their_reach(dtype):
+    """A prefill chunk's early query blocks read only the checked slots they may see
+    (`checked_reach` < length), with and without the open part elsewhere == the dense reference."""
+    args, n_open = _chunk_case(21, dtype)
+    q, q_pos, gpos, glen = args[0], args[1], args[7], args[8]
+    tiling = ragged.Tiling(block_m=16, block_k=16)
+    reach = ragged.checked_reach(
+        q_pos, gpos[1], glen.reshape(-1), n_open.reshape(-1), block_m=16, glob_lo=16, span=128
+    )  # fmt: skip
+    assert bool(jnp.all(reach <= glen.reshape(-1, 1))) and bool(jnp.any(reach < glen.reshape(-1, 1)))
+    assert bool(jnp.all(jnp.diff(reach, axis=1) >= 0))  # later blocks reach further
+    kw = dict(window=16, glob_lo=16, tiling=tiling, interpret=True, open_len_bk=n_open)
+    ref = ragged.ragged_attention_reference(*args, window=16, glob_lo=16)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(np.asarray(ragged.ragged_attention(*args, **kw)), np.asarray(ref), atol=tol, rtol=tol)
+    t, g, e = 64, 2, 64
+    grouped = (jnp.swapaxes(q.reshape(B, K, t, g, e), 1, 2), q_pos[:, ::g], *args[2:4], *args[5:])
+    kw = dict(window=16, glob_lo=16, open_len_bk=n_open, tiling=tiling)
+    out = jnp.swapaxes(ragged.attend_grouped(*grouped, **kw, impl="interpret-xla"), 1, 2).reshape(ref.shape)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
+
+
 def test_prior_without_keys_changes_nothing_and_bad_priors_are_refused():
     args = _case(12, 2, 64, jnp.float32, 1, ring=32, cap=64, window=16, lengths=[64, 17, 0, 3])
     kw = dict(window=16, glob_lo=16, interpret=True, tiling=ragged.Tiling(splits=1))

@@ -143,6 +143,7 @@ def _kernel(
     end_ref,
     glen_ref,
     open_ref,
+    reach_ref,
     q_ref,
     qpos_ref,
     rk_ref,
@@ -167,7 +168,7 @@ def _kernel(
     skip_open,
     stacked_len,
 ):
-    n, j = pl.program_id(0), pl.program_id(2)
+    n, i_blk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = n // n_kv, n % n_kv
     splits = tiling.splits
     layer = layer_ref[0]
@@ -233,7 +234,10 @@ def _kernel(
     else:
         n_open_blocks = n_open // bk
         base = n_open_blocks * bk
-    n_checked = pl.cdiv(jnp.maximum(glen - base, 0), bk)
+    checked_end = glen
+    if reach_ref is not None:  # no row of this block sees a checked slot at or past reach (`checked_reach`)
+        checked_end = jnp.minimum(glen, reach_ref[n, i_blk])
+    n_checked = pl.cdiv(jnp.maximum(checked_end - base, 0), bk)
 
     runs = split_run(j, (n_ring, n_open_blocks, n_checked), splits)
     carry = (jnp.zeros((bm, e), jnp.float32), jnp.full((bm,), NEG, jnp.float32), jnp.zeros((bm,), jnp.float32))
@@ -302,6 +306,22 @@ def split_run(j, part_blocks, splits: int):
         runs.append((first, jnp.clip(hi - offset, 0, n) - first))
         offset = offset + n
     return runs
+
+
+def checked_reach(q_pos_bm, glob_pos_bkc, glen_n, start_n, *, block_m: int, glob_lo: int, span: int):
+    """Per (row b * head, query block): one past the last checked global slot that some query of the
+    block may see, [N, M / block_m] int32. The checked part of a prefill chunk (slots stored during
+    it, from `start`) is in position order, so a block of early queries sees only its beginning;
+    the kernel stops there. Only `span` slots from `start` are looked at (a chunk stores at most as
+    many as it has rows); a head with more checked slots keeps its full length."""
+    b, k, cap = glob_pos_bkc.shape
+    qmax_bi = jnp.max(q_pos_bm.reshape(b, -1, block_m), axis=-1)  # padded rows are -2**30
+    qmax_ni = jnp.repeat(qmax_bi, k, axis=0)
+    slot_ns = start_n[:, None] + jnp.arange(span)[None]
+    pos_ns = jnp.take_along_axis(glob_pos_bkc.reshape(b * k, cap), jnp.minimum(slot_ns, cap - 1), axis=1)
+    seen = (slot_ns < glen_n[:, None])[:, None, :] & (qmax_ni[:, :, None] - pos_ns[:, None, :] >= glob_lo)
+    reach = jnp.max(jnp.where(seen, slot_ns[:, None, :] + 1, 0), axis=-1)
+    return jnp.where((glen_n > start_n + span)[:, None], glen_n[:, None], reach).astype(jnp.int32)
 
 
 def _block(size: int, most: int) -> int:
@@ -431,6 +451,15 @@ def ragged_attention(
     glen_ln = glob_len_bk.reshape(-1, b * k).astype(jnp.int32)  # [L or 1, N]
     open_ln = open_len_bk.reshape(-1, b * k).astype(jnp.int32)
     end_b = jnp.zeros((b,), jnp.int32) if ring_end_b is None else ring_end_b.astype(jnp.int32)
+    reach = None
+    if glob_pos is not None and m > 16:  # a chunk of several positions (decode rows share one)
+        lrow = layer if stacked_len else 0
+        bk = _block(cap, tiling.block_k) if table is None else glob_k.shape[1]
+        n_open = jnp.minimum(open_ln[lrow], glen_ln[lrow])  # the kernel's checked part starts where it does
+        start = n_open if skip_open else n_open // bk * bk
+        reach = checked_reach(
+            qpos, glob_pos[layer], glen_ln[lrow], start, block_m=bm, glob_lo=glob_lo, span=min(cap, mp)
+        )
     full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
     grid = (b * k, mp // bm, s)
     po = plse = None
@@ -463,6 +492,7 @@ def ragged_attention(
             full(end_b),
             full(glen_ln),
             full(open_ln),
+            full(reach),
             pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0)),
             pl.BlockSpec((None, bm), lambda n, i, j: (n // k, i)),
             full(ring_k),
@@ -484,6 +514,7 @@ def ragged_attention(
         end_b,
         glen_ln,
         open_ln,
+        reach,
         q,
         qpos,
         ring_k,
