@@ -12,7 +12,9 @@ Work split (flash-decoding): the grid is (B*K, query blocks, S splits). A query 
     aligned so that none wraps around the ring);
   * of the global store, the blocks of the head's *own* length (blocks past it are never read).
     The first `open_len` slots (entries every query of the block sees: for a dual-cache chunk,
-    those stored before it) need no position check; the rest are checked against `glob_pos`.
+    those stored before it) need no position check; the rest are checked against `glob_pos`, and
+    a block of a prefill chunk's queries stops at the last checked slot any of its rows may see
+    (`checked_reach`: a chunk's early queries see few of the slots stored during it).
   Ring, open and checked blocks form one sequence per (row, head), and split j reads its run of
   cdiv(total, S) consecutive blocks of it (`split_run`), so the S programs of a head read the same
   number of blocks whatever the head's length.
