@@ -147,6 +147,11 @@ def test_early_query_blocks_stop_at_their_reach(dtype):
     )  # fmt: skip
     assert bool(jnp.all(reach <= glen.reshape(-1, 1))) and bool(jnp.any(reach < glen.reshape(-1, 1)))
     assert bool(jnp.all(jnp.diff(reach, axis=1) >= 0))  # later blocks reach further
+    short = ragged.checked_reach(
+        q_pos, gpos[1], glen.reshape(-1), n_open.reshape(-1), block_m=16, glob_lo=16, span=8
+    )  # fmt: skip
+    beyond = (glen - n_open).reshape(-1) > 8  # more checked slots than the span: read them all
+    assert bool(jnp.any(beyond)) and bool(jnp.all(jnp.where(beyond[:, None], short == glen.reshape(-1, 1), True)))
     kw = dict(window=16, glob_lo=16, tiling=tiling, interpret=True, open_len_bk=n_open)
     ref = ragged.ragged_attention_reference(*args, window=16, glob_lo=16)
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5

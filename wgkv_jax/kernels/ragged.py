@@ -396,6 +396,7 @@ def ragged_attention(
     skip_open: bool = False,
     prior=None,
     table=None,
+    reach_span: int | None = None,
 ):
     """The Pallas kernel; same signature and result as `ragged_attention_reference`.
 
@@ -409,6 +410,8 @@ def ragged_attention(
     prior: (o [B, K, M, E], log2-sum-exp [B, K, M]) of the same queries over keys this call does not
     read (-inf where a row saw none); the kernel folds it into its epilogue and returns the
     combined attention (float32). Needs one split.
+    reach_span: how many slots past the open part the queries' own chunk may have stored (default:
+    the query rows; `attend_grouped` passes the chunk length), the span `checked_reach` looks at.
     glob_len_bk and open_len_bk may also come stacked like the buffers, [L, B, K]: the kernel then
     reads the layer's row itself (a decode step passes the cache's lengths with no per-layer slice).
     Splits are merged by `merge_rows` (one kernel) when S > 1 is a power of two, else by `merge` in XLA.
@@ -460,7 +463,7 @@ def ragged_attention(
         n_open = jnp.minimum(open_ln[lrow], glen_ln[lrow])  # the kernel's checked part starts where it does
         start = n_open if skip_open else n_open // bk * bk
         reach = checked_reach(
-            qpos, glob_pos[layer], glen_ln[lrow], start, block_m=bm, glob_lo=glob_lo, span=min(cap, mp)
+            qpos, glob_pos[layer], glen_ln[lrow], start, block_m=bm, glob_lo=glob_lo, span=min(cap, reach_span or m)
         )
     full = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda n, i, j: (0,) * x.ndim)  # noqa: E731
     grid = (b * k, mp // bm, s)
@@ -609,7 +612,7 @@ def attend_grouped(
     q_pos_bm = jnp.repeat(pos_bt, g, axis=1)
     end_b = pos_bt[:, -1] + 1
     args = (q_bkme, q_pos_bm, ring_k, ring_v, end_b, glob_k, glob_v, glob_pos, glob_len_bk, layer)
-    kw = dict(window=window, glob_lo=glob_lo, open_len_bk=open_len_bk)
+    kw = dict(window=window, glob_lo=glob_lo, open_len_bk=open_len_bk, reach_span=t)  # a chunk stores <= t slots
     split = impl in ("cudnn", "interpret-xla") and t > 1 and open_len_bk is not None
     if table is not None:  # a paged store: glob_k / glob_v are page pools (decode chunks: no cuDNN split)
         if impl == "reference":
