@@ -203,7 +203,7 @@ def test_merge_kernel_equals_xla_merge():
     empty = jnp.zeros((n, s, mp), bool).at[0, 1].set(True).at[2, :, 3].set(True)  # a split; a row
     mx, sm = jnp.where(empty, ragged.NEG, mx), jnp.where(empty, 0.0, sm)
     acc = jnp.where(empty[..., None], 0.0, acc)
-    want, _ = ragged.merge(acc, mx, sm)
+    want = ragged.merge(acc, mx, sm)
     got = ragged.merge_rows(acc, mx, sm, 5, interpret=True)
     assert got.shape == (n, 5, e)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, :5]), atol=1e-6, rtol=1e-6)

@@ -419,7 +419,7 @@ class DualAttend:
         if impl != "reference":
             # the entries stored before this chunk are older than every query's window: no position
             # check for them, unless this chunk's overflow put new entries into their slots
-            if promotes or impl.endswith("-tpu"):
+            if promotes or impl.endswith("-tpu"):  # (a paged TPU call gets one layer's view, read at 0)
                 open_len = jnp.where(length_bk + n_ok <= cap, length_bk, 0)
             else:  # a decode step after `before_decode`: nothing promoted here, every entry is open,
                 # and the kernel reads the layer's lengths from the stacked array itself

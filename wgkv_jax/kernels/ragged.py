@@ -335,15 +335,14 @@ def _block(size: int, most: int) -> int:
 
 
 def merge(acc_njme, mx_njm, sm_njm):
-    """Log-sum-exp merge of split partials (log2 units) -> (normalised [N, M, E] float32, log2-sum-exp
-    [N, M]); rows that saw no key give zeros and -inf."""
+    """Log-sum-exp merge of split partials (log2 units) -> normalised [N, M, E] float32; rows that
+    saw no key give zeros."""
     top = jnp.max(mx_njm, axis=1)
     w = jnp.exp2(mx_njm - top[:, None])
     sm = jnp.sum(w * sm_njm, axis=1)
     acc = jnp.sum(w[..., None] * acc_njme, axis=1)
     seen = sm > 0
-    o = jnp.where(seen[..., None], acc / jnp.where(seen, sm, 1.0)[..., None], 0.0)
-    return o, jnp.where(seen, top + jnp.log2(jnp.where(seen, sm, 1.0)), -jnp.inf)
+    return jnp.where(seen[..., None], acc / jnp.where(seen, sm, 1.0)[..., None], 0.0)
 
 
 def _merge_kernel(acc_ref, mx_ref, sm_ref, o_ref):
@@ -536,7 +535,7 @@ def ragged_attention(
     acc, mx, sm = outs
     if s > 1 and not s & (s - 1):
         return merge_rows(acc, mx, sm, m, interpret=interpret).reshape(b, k, m, e)
-    return merge(acc, mx, sm)[0][:, :m].reshape(b, k, m, e)
+    return merge(acc, mx, sm)[:, :m].reshape(b, k, m, e)
 
 
 def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
