@@ -112,3 +112,23 @@ def test_device_trace_summary_counts_stream_kernels_only():
     assert k == pytest.approx(
         {"busy_ms": 40 / 2 / 1e3, "span_ms": 60 / 2 / 1e3, "kernel_ms": 5 / 2 / 1e3, "kernels": 2}
     )
+
+
+@pytest.mark.parametrize("argv, swept", [([], [True, False]), (["--no-sweep"], [False, False])])
+def test_tile_sweep_runs_at_the_first_context_unless_turned_off(argv, swept, monkeypatch, tmp_path):
+    """The GPU tile sweeps run with the first context's attention part only, and not with --no-sweep."""
+    seen = []
+
+    def part(cfg, n, setting, rate, repeats, tilings=(), **kw):
+        seen.append((n, bool(tilings)))
+        return {"n": n}
+
+    monkeypatch.setattr(bench_lib, "_ragged", lambda: "pallas")  # as on a GPU
+    monkeypatch.setattr(bench_lib, "attention_prefill", part)
+    monkeypatch.setattr(bench_lib, "attention_decode", part)
+    monkeypatch.setattr(bench_lib, "plot", lambda result, path: None)  # these rows hold no timings to draw
+    out = tmp_path / "r.json"
+    argv = ["--config", "tiny", "--contexts", "8192", "4096", "--parts", "attention", "--out", str(out), *argv]
+    assert cli.main(argv) == 0
+    assert seen == [(8192, swept[0]), (8192, swept[0]), (4096, swept[1]), (4096, swept[1])]
+    assert json.loads(out.read_text())["contexts"]["4096"]["attention_prefill"] == {"n": 4096}

@@ -676,9 +676,12 @@ def machine() -> dict:
 def run(
     contexts, parts, *, rate=0.2, window=256, chunk=2048, capacity_fraction=0.22, steps=32, repeats=5,
     hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None, batch_contexts=None,
-    decode_layers="fused", on_update=None,
+    decode_layers="fused", on_update=None, sweep=True,
 ) -> dict:  # fmt: skip
-    """Run the requested parts ("check", "attention", "e2e", "batch") for each context length."""
+    """Run the requested parts ("check", "attention", "e2e", "batch") for each context length.
+
+    sweep: time the prefill and decode tile candidates (TILINGS, DECODE_TILINGS) at the first
+    context of the attention part (GPU kernels only)."""
     setting = CacheConfig(window=window, chunk=chunk, capacity_fraction=capacity_fraction)
     result = {
         "machine": machine(),
@@ -696,10 +699,11 @@ def run(
             row["check"] = check_kernel(cfg, min(n, 16384), setting, rate)
         if "attention" in parts:
             log(f"{n}: attention-only prefill")
-            tilings = TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
+            sweep_here = sweep and n == contexts[0] and _ragged() == "pallas"
+            tilings = TILINGS if sweep_here else ()
             row["attention_prefill"] = attention_prefill(cfg, n, setting, rate, repeats, tilings)
             log(f"{n}: attention-only decode")
-            dec_tilings = DECODE_TILINGS if n == contexts[0] and _ragged() == "pallas" else ()
+            dec_tilings = DECODE_TILINGS if sweep_here else ()
             row["attention_decode"] = attention_decode(cfg, n, setting, rate, repeats, tilings=dec_tilings, traced=True)
             log(json.dumps(row))
             if on_update:
