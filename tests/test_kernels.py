@@ -105,6 +105,10 @@ def test_open_part_elsewhere_folds_into_the_kernel(dtype):
     assert out.dtype == jnp.float32
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
+    # written in the model's dtype by the kernel itself: the float32 result, rounded once
+    low = ragged.attend_grouped(*args, **kw, impl="interpret-xla", out_dtype=jnp.bfloat16)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(low), np.asarray(out.astype(jnp.bfloat16)))
 
 
 def _chunk_case(seed, dtype, *, t=64, g=2, e=64, window=16, cap=128, ring=96):

@@ -426,9 +426,9 @@ class DualAttend:
                 new_len = open_len = new.length
             out = ragged.attend_grouped(
                 q_btkgd, pos_bt, *stacked[:5], new_len, stacked[5], window=w, glob_lo=w, impl=impl,
-                open_len_bk=open_len, table=table,
+                open_len_bk=open_len, table=table, out_dtype=v_btke.dtype,
             )  # fmt: skip
-            return out.astype(v_btke.dtype), new
+            return out, new
         end_b = c0_b + t  # ring slot s holds position end - R + ((s - end) mod R)
         ring_pos_br = end_b[:, None] - r + jnp.mod(jnp.arange(r)[None, :] - end_b[:, None], r)
         dist_btr = pos_bt[:, :, None] - ring_pos_br[:, None, :]

@@ -207,6 +207,7 @@ def attention_prefill(cfg, n_tokens, setting, rate, repeats, tilings=()) -> dict
                     o = ragged.attend_grouped(
                         q_chunk, pos, cache.ring_k, cache.ring_v, cache.glob_k, cache.glob_v, cache.glob_pos,
                         glen[None], 0, window=w, glob_lo=w, impl=impl, open_len_bk=n_open[None],
+                        out_dtype=jnp.bfloat16,
                     )  # fmt: skip
                 else:
                     o = ragged.ragged_attention(

@@ -291,7 +291,7 @@ def _kernel(
     a, c = jnp.exp2(mx - top), jnp.exp2(plse - top)
     den = sm * a + c
     out = (acc * a[:, None] + po_ref[...].astype(jnp.float32) * c[:, None]) / jnp.where(den > 0, den, 1.0)[:, None]
-    o_ref[...] = jnp.where(den[:, None] > 0, out, 0.0)
+    o_ref[...] = jnp.where(den[:, None] > 0, out, 0.0).astype(o_ref.dtype)
 
 
 def split_run(j, part_blocks, splits: int):
@@ -396,6 +396,7 @@ def ragged_attention(
     prior=None,
     table=None,
     reach_span: int | None = None,
+    out_dtype=jnp.float32,
 ):
     """The Pallas kernel; same signature and result as `ragged_attention_reference`.
 
@@ -407,8 +408,9 @@ def ragged_attention(
     position check: for a dual-cache chunk, the entries stored before it). With `skip_open`
     those slots are left out (attended by another kernel, whose result comes back through `prior`).
     prior: (o [B, K, M, E], log2-sum-exp [B, K, M]) of the same queries over keys this call does not
-    read (-inf where a row saw none); the kernel folds it into its epilogue and returns the
-    combined attention (float32). Needs one split.
+    read (-inf where a row saw none); the kernel folds it into its epilogue and writes the
+    combined attention in `out_dtype` (float32 by default; the model's dtype saves a float32
+    round trip through memory). Needs one split. Without a prior the result is float32.
     reach_span: how many slots past the open part the queries' own chunk may have stored (default:
     the query rows; `attend_grouped` passes the chunk length), the span `checked_reach` looks at.
     glob_len_bk and open_len_bk may also come stacked like the buffers, [L, B, K]: the kernel then
@@ -487,7 +489,7 @@ def ragged_attention(
         plse = jnp.pad(plse_bkm.astype(jnp.float32), ((0, 0), (0, 0), (0, mp - m)), constant_values=-jnp.inf)
         plse = plse.reshape(b * k, mp)
         out_specs = [pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0))]
-        out_shape = [jax.ShapeDtypeStruct((b * k, mp, e), jnp.float32)]
+        out_shape = [jax.ShapeDtypeStruct((b * k, mp, e), out_dtype)]
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -585,9 +587,10 @@ def paged_reference(q_bkme, q_pos_bm, ring_k, ring_v, ring_end_b, pool_k, pool_v
 
 def attend_grouped(
     q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, glob_len_bk, layer, *, window, glob_lo, impl,
-    open_len_bk=None, tiling=None, table=None,
+    open_len_bk=None, tiling=None, table=None, out_dtype=jnp.float32,
 ):  # fmt: skip
-    """Attention of a chunk over a cache, on the model's layout; returns [B, T, K, G, E] float32.
+    """Attention of a chunk over a cache, on the model's layout; returns [B, T, K, G, E] in
+    `out_dtype` (float32 by default; the cuDNN split path writes it from the kernel directly).
 
     q_btkge: [B, T, K, G, E] with positions pos_bt [B, T] (contiguous per row; the ring's newest
     position is pos_bt[:, -1]). impl: "reference"; "pallas" / "interpret" (the kernel compiled /
@@ -606,7 +609,7 @@ def attend_grouped(
         return ragged_tpu.attend_grouped_tpu(
             q_btkge, pos_bt, ring_k, ring_v, glob_k, glob_v, glob_pos, layer_lengths(glob_len_bk, layer), layer,
             window=window, glob_lo=glob_lo, interpret=impl == "interpret-tpu",
-        )  # fmt: skip
+        ).astype(out_dtype)  # fmt: skip
     q_bkme = jnp.swapaxes(q_btkge, 1, 2).reshape(b, k, t * g, e)
     q_pos_bm = jnp.repeat(pos_bt, g, axis=1)
     end_b = pos_bt[:, -1] + 1
@@ -626,8 +629,10 @@ def attend_grouped(
         prior = _open_attention(
             q_btkge, glob_k[layer], glob_v[layer], layer_lengths(open_len_bk, layer), cudnn=impl == "cudnn"
         )
-        o = ragged_attention(*args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, prior=prior)
-    return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2)
+        o = ragged_attention(
+            *args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, prior=prior, out_dtype=out_dtype
+        )
+    return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2).astype(out_dtype)
 
 
 def _open_attention(q_btkge, k_bkce, v_bkce, open_len_bk, *, cudnn: bool):
