@@ -86,12 +86,13 @@ def test_kernel_row_without_keys_is_zero_and_merge_is_exact():
     np.testing.assert_allclose(np.asarray(one), np.asarray(many), atol=2e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_open_part_elsewhere_folds_into_the_kernel(dtype):
+@pytest.mark.parametrize("dtype, g", [(jnp.float32, 4), (jnp.bfloat16, 4), (jnp.float32, 3)])
+def test_open_part_elsewhere_folds_into_the_kernel(dtype, g):
     """The prefill split: the open global slots through a flash attention (XLA here, cuDNN on GPU),
     the ring and the checked slots through the kernel, which folds the first result into its
-    epilogue (`prior`) == the dense reference; row 1's heads have no open slot."""
-    t, g, e, window = 8, 4, 64, 16
+    epilogue (`prior`) == the dense reference; row 1's heads have no open slot. G = 4: the kernel
+    writes the model's [B, T, K, G, E] layout itself; G = 3 (G * E no power of two): XLA does."""
+    t, e, window = 8, 64, 16
     q, q_pos, rk, rv, _, gk, gv, gpos, glen, layer = _case(
         11, g, e, dtype, t, ring=32, cap=64, window=window, lengths=[64, 17, 40, 3]
     )
@@ -109,6 +110,20 @@ def test_open_part_elsewhere_folds_into_the_kernel(dtype):
     low = ragged.attend_grouped(*args, **kw, impl="interpret-xla", out_dtype=jnp.bfloat16)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(low), np.asarray(out.astype(jnp.bfloat16)))
+
+
+def test_out_groups_gives_the_model_layout_and_names_a_bad_group_count():
+    """ragged_attention(out_groups=G) == its [B, K, M, E] result laid out as [B, M / G, K, G, E]
+    (here without a prior, where XLA transposes); a G that does not divide the rows is refused."""
+    g, t = 4, 8
+    args = _case(12, g, 64, jnp.float32, t, ring=32, cap=64, window=16, lengths=[64, 17, 40, 3])
+    kw = dict(window=16, glob_lo=16, interpret=True)
+    flat = ragged.ragged_attention(*args, **kw)
+    laid = ragged.ragged_attention(*args, **kw, out_groups=g)
+    want = jnp.swapaxes(flat.reshape(B, K, t, g, 64), 1, 2)
+    np.testing.assert_array_equal(np.asarray(laid), np.asarray(want))
+    with pytest.raises(ValueError, match="out_groups=3 does not divide the 32 query rows"):
+        ragged.ragged_attention(*args, **kw, out_groups=3)
 
 
 def _chunk_case(seed, dtype, *, t=64, g=2, e=64, window=16, cap=128, ring=96):

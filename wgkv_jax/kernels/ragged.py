@@ -291,7 +291,8 @@ def _kernel(
     a, c = jnp.exp2(mx - top), jnp.exp2(plse - top)
     den = sm * a + c
     out = (acc * a[:, None] + po_ref[...].astype(jnp.float32) * c[:, None]) / jnp.where(den > 0, den, 1.0)[:, None]
-    o_ref[...] = jnp.where(den[:, None] > 0, out, 0.0).astype(o_ref.dtype)
+    out = jnp.where(den[:, None] > 0, out, 0.0).astype(o_ref.dtype)
+    o_ref[...] = out.reshape(o_ref.shape)  # rows (t, g) -> (t, g * e) when written in the model's layout
 
 
 def split_run(j, part_blocks, splits: int):
@@ -397,6 +398,7 @@ def ragged_attention(
     table=None,
     reach_span: int | None = None,
     out_dtype=jnp.float32,
+    out_groups: int = 0,
 ):
     """The Pallas kernel; same signature and result as `ragged_attention_reference`.
 
@@ -411,6 +413,10 @@ def ragged_attention(
     read (-inf where a row saw none); the kernel folds it into its epilogue and writes the
     combined attention in `out_dtype` (float32 by default; the model's dtype saves a float32
     round trip through memory). Needs one split. Without a prior the result is float32.
+    out_groups: G > 0 returns the result as [B, M / G, K, G, E], the model's [B, T, K, G, E]
+    layout for rows ordered (t, g). With a prior the kernel writes that layout itself, so no
+    transpose follows it (needs G * E a power of two and the row block a multiple of G; else,
+    and without a prior, XLA transposes).
     reach_span: how many slots past the open part the queries' own chunk may have stored (default:
     the query rows; `attend_grouped` passes the chunk length), the span `checked_reach` looks at.
     glob_len_bk and open_len_bk may also come stacked like the buffers, [L, B, K]: the kernel then
@@ -431,6 +437,10 @@ def ragged_attention(
         raise ValueError(f"prior needs one split (the kernel writes the final output), got splits={tiling.splits}")
     bm, s = tiling.block_m, tiling.splits
     mp = pl.cdiv(m, bm) * bm
+    if out_groups and m % out_groups:
+        raise ValueError(f"out_groups={out_groups} does not divide the {m} query rows")
+    g_out = out_groups * e
+    native_out = prior is not None and out_groups > 0 and not g_out & (g_out - 1) and bm % out_groups == 0
     q = jnp.pad(q_bkme, ((0, 0), (0, 0), (0, mp - m), (0, 0))).reshape(b * k, mp, e).astype(glob_k.dtype)
     qpos = jnp.pad(q_pos_bm.astype(jnp.int32), ((0, 0), (0, mp - m)), constant_values=-(2**30))
     ring = 0 if ring_k is None else ring_k.shape[3]
@@ -488,8 +498,13 @@ def ragged_attention(
         po = jnp.pad(po_bkme, ((0, 0), (0, 0), (0, mp - m), (0, 0))).reshape(b * k, mp, e)
         plse = jnp.pad(plse_bkm.astype(jnp.float32), ((0, 0), (0, 0), (0, mp - m)), constant_values=-jnp.inf)
         plse = plse.reshape(b * k, mp)
-        out_specs = [pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0))]
-        out_shape = [jax.ShapeDtypeStruct((b * k, mp, e), out_dtype)]
+        if native_out:  # [B, T, K * G * E], a (t, g * e) block per program
+            g = out_groups
+            out_specs = [pl.BlockSpec((None, bm // g, g * e), lambda n, i, j: (n // k, i, n % k))]
+            out_shape = [jax.ShapeDtypeStruct((b, mp // g, k * g * e), out_dtype)]
+        else:
+            out_specs = [pl.BlockSpec((None, bm, e), lambda n, i, j: (n, i, 0))]
+            out_shape = [jax.ShapeDtypeStruct((b * k, mp, e), out_dtype)]
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -532,12 +547,15 @@ def ragged_attention(
         po,
         plse,
     )
+    if native_out:
+        return outs[0][:, : m // out_groups].reshape(b, m // out_groups, k, out_groups, e)
     if prior is not None:
-        return outs[0][:, :m].reshape(b, k, m, e)
-    acc, mx, sm = outs
-    if s > 1 and not s & (s - 1):
-        return merge_rows(acc, mx, sm, m, interpret=interpret).reshape(b, k, m, e)
-    return merge(acc, mx, sm)[:, :m].reshape(b, k, m, e)
+        o = outs[0][:, :m].reshape(b, k, m, e)
+    elif s > 1 and not s & (s - 1):
+        o = merge_rows(*outs, m, interpret=interpret).reshape(b, k, m, e)
+    else:
+        o = merge(*outs)[:, :m].reshape(b, k, m, e)
+    return jnp.swapaxes(o.reshape(b, k, m // out_groups, out_groups, e), 1, 2) if out_groups else o
 
 
 def unsupported(q_bkme, ring_k, glob_k, tiling: Tiling) -> str | None:
@@ -629,9 +647,10 @@ def attend_grouped(
         prior = _open_attention(
             q_btkge, glob_k[layer], glob_v[layer], layer_lengths(open_len_bk, layer), cudnn=impl == "cudnn"
         )
-        o = ragged_attention(
-            *args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, prior=prior, out_dtype=out_dtype
-        )
+        return ragged_attention(
+            *args, **kw, tiling=tiling, interpret=impl != "cudnn", skip_open=True, prior=prior, out_dtype=out_dtype,
+            out_groups=g,
+        )  # fmt: skip
     return jnp.swapaxes(o.reshape(b, k, t, g, e), 1, 2).astype(out_dtype)
 
 
