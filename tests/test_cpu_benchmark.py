@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 import transformers
-
-
-def _bench_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_generate.py"
-    spec = importlib.util.spec_from_file_location("cpu_generate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tiny_llama():
@@ -27,8 +16,8 @@ def _tiny_llama():
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
-def test_hf_generate_clocks_the_decode_steps_and_matches_the_manual_loop():
-    bench = _bench_module()
+def test_hf_generate_clocks_the_decode_steps_and_matches_the_manual_loop(benchmark_script):
+    bench = benchmark_script("cpu_generate")
     model = _tiny_llama()
     ids = torch.as_tensor(np.random.default_rng(3).integers(0, 128, (2, 11)), dtype=torch.long)
     n_new = 6
@@ -40,8 +29,8 @@ def test_hf_generate_clocks_the_decode_steps_and_matches_the_manual_loop():
     assert kv > 0
 
 
-def test_token_clock_never_stops_generation_and_ticks_once_per_call():
-    bench = _bench_module()
+def test_token_clock_never_stops_generation_and_ticks_once_per_call(benchmark_script):
+    bench = benchmark_script("cpu_generate")
     clock = bench.token_clock()
     ids = torch.zeros((3, 4), dtype=torch.long)
     for _ in range(3):

@@ -3,24 +3,14 @@ of the prompt (the dual cache keeps admitting at the configured rate), and bad l
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 
-def _profile_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefill_profile.py"
-    spec = importlib.util.spec_from_file_location("prefill_profile", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_smoke_run_profiles_dual_and_attention_free_chunks(tmp_path):
+def test_smoke_run_profiles_dual_and_attention_free_chunks(tmp_path, benchmark_script):
     out = tmp_path / "p.json"
-    assert _profile_module().main(["--smoke", "--out", str(out)]) == 0
+    assert benchmark_script("prefill_profile").main(["--smoke", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     dual, skip = res["chunks"]["dual"], res["chunks"]["no_attention"]
     assert res["settings"]["start"] == 4096 - 3 * 512
@@ -32,7 +22,7 @@ def test_smoke_run_profiles_dual_and_attention_free_chunks(tmp_path):
     assert res["dual_extra_wall_ms"] == pytest.approx(dual["wall_ms"] - skip["wall_ms"])
 
 
-def test_too_short_a_context_is_named(capsys):
+def test_too_short_a_context_is_named(capsys, benchmark_script):
     with pytest.raises(SystemExit):
-        _profile_module().main(["--context", "8192", "--chunk", "2048", "--repeats", "3"])
+        benchmark_script("prefill_profile").main(["--context", "8192", "--chunk", "2048", "--repeats", "3"])
     assert "--context 8192: needs at least 6 chunks of 2048" in capsys.readouterr().err
