@@ -63,6 +63,11 @@ def _ragged() -> str:
     return dispatch.ragged_impl("pallas")  # "interpret" on CPU (smoke runs)
 
 
+def dual_prefill_impl() -> str:
+    """The dual cache's prefill attention: what "auto" picks on a GPU (the cuDNN split), else the CPU kernel."""
+    return dispatch.ragged_impl("auto") if _ragged() == "pallas" else _ragged()
+
+
 def _causal(cfg) -> str:
     return dispatch.causal_impl("cudnn", jnp.bfloat16, cfg.head_dim)  # reference (warned) off GPU
 
@@ -566,7 +571,7 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) 
     # dual cache: chunked prefill, random admission
     cap = setting.resolve_capacity(n_tokens + steps)
     adm = FixedAdmission("random", rate=rate, seed=0)
-    attend = DualAttend(adm, impl=dispatch.ragged_impl("auto") if _ragged() == "pallas" else _ragged())
+    attend = DualAttend(adm, impl=dual_prefill_impl())
     chunk = setting.chunk
     make = lambda: DualCache.zeros(cfg, 1, setting.window, cap, jnp.bfloat16, chunk=chunk)  # noqa: E731
     pos = np.arange(n_tokens, dtype=np.int32)[None]
