@@ -5,12 +5,12 @@
 
 (After `pip install -e .`; from a bare checkout, prefix `PYTHONPATH=.` so that `configs` imports.)
 
-The Llama-3.1-8B-shaped stack of `infer.bench` (random bf16 weights, scanned layers as the
-prefill runs them) and a dual cache as a chunked prefill of `context - chunk` tokens leaves it
-(`synthetic_dual`: random K/V, 20% random admission beyond the window). The chunk that ends
-the prompt is timed (wall ms, untraced), then traced under `jax.profiler`: busy time, idle gaps,
-kernels launched and the kernels that take the time. The same chunk with attention skipped
-(`NoAttention`, the cache left alone) gives the work no attention kernel can remove, so
+The Llama-3.1-8B-shaped stack of `infer.bench` (random bf16 weights in the `--layers` layout)
+and a dual cache as a chunked prefill of `context - chunk` tokens leaves it (`synthetic_dual`:
+random K/V, 20% random admission beyond the window). The chunk that ends the prompt is timed
+(wall ms, untraced), then traced under `jax.profiler`: busy time, idle gaps, kernels launched
+and the kernels that take the time. The same chunk with attention skipped (`NoAttention`, the
+cache left alone) gives the work no attention kernel can remove, so
 `dual - no_attention - 32 x attention-only` is what the dual cache's own bookkeeping (the gate,
 the promotion of admitted entries into the global store, the ring writes) costs per chunk.
 """
@@ -33,12 +33,13 @@ from wgkv_jax.cache.dual import CacheConfig, DualAttend
 from wgkv_jax.infer import generate as gen
 from wgkv_jax.infer.bench import (
     GREEDY,
+    LAYERS,
     NoAttention,
     dual_prefill_impl,
     kernel_summary,
     log,
     machine,
-    random_params,
+    model_params,
     synthetic_dual,
     trace_kernels,
     write_result,
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=0.2)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--capacity-fraction", type=float, default=0.22)
+    p.add_argument("--layers", default="fused", choices=LAYERS, help="weight layout (infer.bench --layers)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny model, 4096 tokens, chunks of 512")
     p.add_argument("--out", default="results/prefill_profile.json")
     args = p.parse_args(argv)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         p.error(f"--context {args.context}: needs at least {args.repeats + 3} chunks of {args.chunk}")
     cfg = TINY_BENCH if args.smoke else LLAMA31_8B
     setting = CacheConfig(window=args.window, chunk=args.chunk, capacity_fraction=args.capacity_fraction)
-    params = random_params(cfg)
+    params = model_params(cfg, args.layers)
     start = args.context - (args.repeats + 2) * args.chunk  # the profiled chunks end at the context
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.chunk)), jnp.int32)
     impl = dual_prefill_impl()

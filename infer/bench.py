@@ -35,8 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="llama-3.1-8b", choices=["llama-3.1-8b", "tiny"], help="tiny: CPU smoke run")
     p.add_argument("--batch-memory", type=float, default=None, help="GiB for the batch caches (default: 85%% of free)")
     p.add_argument(
-        "--decode-layers", default="fused", choices=["fused", "unrolled", "scanned"],
-        help="decode weight layout: one buffer per layer with q/k/v and gate/up fused (default), unfused, or scanned",
+        "--layers", default="fused", choices=["fused", "unrolled", "scanned"],
+        help="weight layout of the end-to-end and batch parts (prefill and decode): one buffer per layer with "
+        "q/k/v and gate/up fused (default), unfused, or stacked and scanned",
     )  # fmt: skip
     p.add_argument("--no-sweep", action="store_true", help="skip the tile sweeps at the first context (GPU)")
     p.add_argument("--out", type=Path, default=Path("results/long_context.json"))
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         hbm_peak_gbps=args.hbm_peak_gbps, e2e_contexts=args.e2e_contexts, batch_contexts=args.batch_contexts,
         cfg=LLAMA31_8B if args.config == "llama-3.1-8b" else TINY_BENCH,
         batch_memory=None if args.batch_memory is None else int(args.batch_memory * 2**30),
-        decode_layers=args.decode_layers, on_update=save, sweep=not args.no_sweep,
+        layers=args.layers, on_update=save, sweep=not args.no_sweep,
     )  # fmt: skip
     save(result)
     try:

@@ -132,3 +132,29 @@ def test_tile_sweep_runs_at_the_first_context_unless_turned_off(argv, swept, mon
     assert cli.main(argv) == 0
     assert seen == [(8192, swept[0]), (8192, swept[0]), (4096, swept[1]), (4096, swept[1])]
     assert json.loads(out.read_text())["contexts"]["4096"]["attention_prefill"] == {"n": 4096}
+
+
+def test_merge_compares_the_weight_layout_only_between_model_runs():
+    """The weight layout matters to the end-to-end and batch parts only: attention-only runs merge
+    with a run of any layout, two model runs of different layouts are refused."""
+    data = json.loads(RESULT.read_text())
+    keep = lambda run, parts, layers: dict(  # noqa: E731
+        run,
+        settings=dict(run["settings"], layers=layers),
+        contexts={c: {k: v for k, v in row.items() if k in parts} for c, row in run["contexts"].items()},
+    )
+    attention = keep(data, {"attention_prefill", "attention_decode"}, "scanned")
+    e2e_fused, e2e_scanned = keep(data, {"end_to_end"}, "fused"), keep(data, {"end_to_end"}, "scanned")
+    merged = bench_lib.merge_results([attention, e2e_fused], ["att", "e2e"])
+    assert {"attention_prefill", "end_to_end"} <= set(merged["contexts"]["131072"])
+    with pytest.raises(ValueError, match=r"b has layers='scanned', a has 'fused'"):
+        bench_lib.merge_results([e2e_fused, e2e_scanned], ["a", "b"])
+
+
+def test_model_params_names_an_unknown_layout():
+    from configs.models import TINY_BENCH
+
+    with pytest.raises(ValueError, match=r"layers='stacked': expected one of \('fused', 'unrolled', 'scanned'\)"):
+        bench_lib.model_params(TINY_BENCH, "stacked")
+    fused = bench_lib.model_params(TINY_BENCH, "fused")
+    assert isinstance(fused["layers"], list) and "wqkv" in fused["layers"][0]

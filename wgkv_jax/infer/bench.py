@@ -119,6 +119,21 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16):
     return jax.tree.unflatten(treedef, leaves)
 
 
+LAYERS = ("fused", "unrolled", "scanned")
+
+
+def model_params(cfg: ModelConfig, layers: str = "fused", seed: int = 0):
+    """Random weights in one of the layouts `hidden_states` runs (as `infer.generate --layers`):
+    "scanned" (stacked [L, ...] arrays, one `lax.scan`), "unrolled" (one buffer per layer) or
+    "fused" (unrolled, q/k/v and gate/up each one matmul). On GPU the scan copies each layer's
+    weight slice before its matmuls, every call: ~0.9 GB of traffic per layer of an 8B model,
+    which a chunked prefill pays once per chunk. One copy of the weights is kept."""
+    if layers not in LAYERS:
+        raise ValueError(f"layers={layers!r}: expected one of {LAYERS}")
+    params = random_params(cfg, seed)
+    return params if layers == "scanned" else unstack_layers(params, fuse=layers == "fused")
+
+
 def nbytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
@@ -531,13 +546,9 @@ def _step_ms(params, cfg, cache, n_tokens, attend, steps: int) -> tuple[float, o
     return (time.perf_counter() - t0) * 1e3 / steps, cache
 
 
-def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) -> dict:
-    """Batch-1 prefill of n_tokens then `steps` decode tokens, full cache vs dual cache.
-
-    Prefill runs on the stacked `params` (scanned layers); decode on `decode_params` (default: the
-    same), e.g. the per-layer buffers of `unstack_layers`, which GPU matmuls read in place."""
-    stacked = params
-    params = decode_params if decode_params is not None else params
+def end_to_end(params, cfg, n_tokens, setting, rate, steps) -> dict:
+    """Batch-1 prefill of n_tokens then `steps` decode tokens, full cache vs dual cache, all on the
+    same weights (`model_params`: the layout is the caller's choice, as in `infer.generate`)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (1, n_tokens)).astype(np.int32)
     out = {}
@@ -548,10 +559,10 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) 
     lengths = jnp.asarray([n_tokens], jnp.int32)
     prefill = functools.partial(gen.prefill, attend=FullAttend("prefill", _causal(cfg)))
     key = jax.random.PRNGKey(0)
-    first, state = prefill(stacked, cfg, state, tokens, lengths, key, GREEDY)  # compile + warm
+    first, state = prefill(params, cfg, state, tokens, lengths, key, GREEDY)  # compile + warm
     first.block_until_ready()
     t0 = time.perf_counter()
-    first, state = prefill(stacked, cfg, state, tokens, lengths, key, GREEDY)
+    first, state = prefill(params, cfg, state, tokens, lengths, key, GREEDY)
     first.block_until_ready()
     out["full_prefill_s"] = time.perf_counter() - t0
     # the same prefill with attention skipped: the work no attention kernel can remove, which bounds
@@ -559,13 +570,11 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) 
     skip = functools.partial(gen.prefill, attend=NoAttention())
     for _ in range(2):  # compile, then timed
         t0 = time.perf_counter()
-        first, state = skip(stacked, cfg, state, tokens, lengths, key, GREEDY)
+        first, state = skip(params, cfg, state, tokens, lengths, key, GREEDY)
         first.block_until_ready()
     out["no_attention_prefill_s"] = time.perf_counter() - t0
     out["full_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, FullAttend("decode", _ragged()), steps)
     out["no_attention_decode_ms"], state = _decode_ms(params, cfg, state, n_tokens, NoAttention(), steps)
-    if decode_params is not None:
-        out["no_attention_decode_stacked_ms"], state = _decode_ms(stacked, cfg, state, n_tokens, NoAttention(), steps)
     del state
 
     # dual cache: chunked prefill, random admission
@@ -578,15 +587,13 @@ def end_to_end(params, cfg, n_tokens, setting, rate, steps, decode_params=None) 
     for phase in ("warm", "timed"):
         state = make()
         if phase == "warm":  # compile with one chunk
-            first, state = gen.prefill_chunk(
-                stacked, cfg, state, tokens[:, :chunk], pos[:, :chunk], key, GREEDY, attend
-            )
+            first, state = gen.prefill_chunk(params, cfg, state, tokens[:, :chunk], pos[:, :chunk], key, GREEDY, attend)
             first.block_until_ready()
             continue
         t0 = time.perf_counter()
         for c in range(0, n_tokens, chunk):
             first, state = gen.prefill_chunk(
-                stacked, cfg, state, tokens[:, c : c + chunk], pos[:, c : c + chunk], key, GREEDY, attend
+                params, cfg, state, tokens[:, c : c + chunk], pos[:, c : c + chunk], key, GREEDY, attend
             )
         first.block_until_ready()
         out["dual_prefill_s"] = time.perf_counter() - t0
@@ -682,9 +689,12 @@ def machine() -> dict:
 def run(
     contexts, parts, *, rate=0.2, window=256, chunk=2048, capacity_fraction=0.22, steps=32, repeats=5,
     hbm_peak_gbps=3350.0, cfg: ModelConfig = LLAMA31_8B, e2e_contexts=None, batch_memory=None, batch_contexts=None,
-    decode_layers="fused", on_update=None, sweep=True,
+    layers="fused", on_update=None, sweep=True,
 ) -> dict:  # fmt: skip
     """Run the requested parts ("check", "attention", "e2e", "batch") for each context length.
+
+    layers: the weight layout of the end-to-end and batch parts (`model_params`), prefill and
+    decode alike.
 
     sweep: time the prefill and decode tile candidates (TILINGS, DECODE_TILINGS) at the first
     context of the attention part (GPU kernels only)."""
@@ -694,10 +704,10 @@ def run(
         "model": dataclasses.asdict(cfg) | {"rope_scaling": None},
         "settings": {"rate": rate, "window": window, "chunk": chunk, "capacity_fraction": capacity_fraction,
                      "decode_steps": steps, "hbm_peak_gbps": hbm_peak_gbps,
-                     "decode_layers": decode_layers},
+                     "layers": layers},
         "contexts": {},
     }  # fmt: skip
-    params = decode_params = None
+    params = None
     for n in contexts:
         row = result["contexts"].setdefault(str(n), {})
         if "check" in parts:
@@ -715,19 +725,17 @@ def run(
             if on_update:
                 on_update(result)
         do_batch = "batch" in parts and (batch_contexts is None or n in batch_contexts)
-        if ("e2e" in parts and (e2e_contexts is None or n in e2e_contexts)) or do_batch:
-            params = params if params is not None else random_params(cfg)
-            weight_bytes = nbytes(params)
-            result["weight_bytes"] = weight_bytes
-            if decode_layers != "scanned" and decode_params is None:
-                decode_params = unstack_layers(params, free=False, fuse=decode_layers == "fused")
-        if "e2e" in parts and (e2e_contexts is None or n in e2e_contexts):
+        do_e2e = "e2e" in parts and (e2e_contexts is None or n in e2e_contexts)
+        if (do_e2e or do_batch) and params is None:
+            params = model_params(cfg, layers)
+            result["weight_bytes"] = nbytes(params)
+        if do_e2e:
             log(f"{n}: end to end")
-            e2e = end_to_end(params, cfg, n, setting, rate, steps, decode_params)
+            e2e = end_to_end(params, cfg, n, setting, rate, steps)
             token_bytes = e2e["full_kv_bytes"] / gen.cache_bucket(n + steps)  # K/V of one position, all layers
             read = {"full": (n + 1) * token_bytes, "dual": (e2e["dual_stored_fraction"] * n + window) * token_bytes}
             for name, kv in read.items():
-                floor_ms = (weight_bytes + kv) / hbm_peak_gbps / 1e6
+                floor_ms = (result["weight_bytes"] + kv) / hbm_peak_gbps / 1e6
                 e2e[f"{name}_decode_floor_ms"] = floor_ms
                 e2e[f"{name}_decode_of_floor"] = floor_ms / e2e[f"{name}_decode_ms"]
             row["end_to_end"] = e2e
@@ -736,23 +744,29 @@ def run(
                 on_update(result)
         if do_batch:
             log(f"{n}: largest batches")
-            if decode_params is not None:  # decode needs one copy of the weights: free the stacked one
-                for x in jax.tree.leaves(params["layers"]):  # embed / head are shared with decode_params
-                    x.delete()
-                params = None
             stats = jax.devices()[0].memory_stats() or {}
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-            row["batch"] = batch_decode(
-                decode_params if decode_params is not None else params, cfg, n, setting, rate, steps,
-                batch_memory or int(free * 0.9),
-            )  # fmt: skip
+            row["batch"] = batch_decode(params, cfg, n, setting, rate, steps, batch_memory or int(free * 0.9))
         log(json.dumps(row))
         if on_update:
             on_update(result)
     return result
 
 
-MERGE_SETTINGS = ("rate", "window", "chunk", "capacity_fraction", "hbm_peak_gbps", "decode_layers")
+MERGE_SETTINGS = ("rate", "window", "chunk", "capacity_fraction", "hbm_peak_gbps")
+# settings that only the named parts depend on: compared between runs that both have such a part
+PART_SETTINGS = {"layers": ("end_to_end", "batch")}
+
+
+def _setting(result: dict, key: str):
+    s = result["settings"]
+    if key == "layers" and key not in s:  # older runs: prefill on scanned layers, decode as named
+        return {"prefill": "scanned", "decode": s.get("decode_layers")}
+    return s.get(key)
+
+
+def _has_part(result: dict, parts) -> bool:
+    return any(p in row for row in result["contexts"].values() for p in parts)
 
 
 def merge_results(results: list[dict], names: list[str] | None = None) -> dict:
@@ -769,6 +783,10 @@ def merge_results(results: list[dict], names: list[str] | None = None) -> dict:
         for key in MERGE_SETTINGS:
             mine, theirs = first["settings"].get(key), res["settings"].get(key)
             if mine != theirs:
+                raise ValueError(f"merge_results: {name} has {key}={theirs!r}, {names[0]} has {mine!r}")
+        for key, which in PART_SETTINGS.items():
+            mine, theirs = _setting(first, key), _setting(res, key)
+            if _has_part(first, which) and _has_part(res, which) and mine != theirs:
                 raise ValueError(f"merge_results: {name} has {key}={theirs!r}, {names[0]} has {mine!r}")
         dev, dev0 = res["machine"]["device"], first["machine"]["device"]
         if dev != dev0:
