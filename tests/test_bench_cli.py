@@ -134,21 +134,29 @@ def test_tile_sweep_runs_at_the_first_context_unless_turned_off(argv, swept, mon
     assert json.loads(out.read_text())["contexts"]["4096"]["attention_prefill"] == {"n": 4096}
 
 
-def test_merge_compares_the_weight_layout_only_between_model_runs():
-    """The weight layout matters to the end-to-end and batch parts only: attention-only runs merge
-    with a run of any layout, two model runs of different layouts are refused."""
+def test_merge_compares_the_weight_layout_only_where_a_part_depends_on_it():
+    """Attention-only runs merge with a run of any layout; two end-to-end runs of different
+    layouts are refused; a run from before `layers` (prefill on the scanned stack, decode on
+    decode_layers) merges its batch part (decode only) with a run of that decode layout."""
     data = json.loads(RESULT.read_text())
-    keep = lambda run, parts, layers: dict(  # noqa: E731
-        run,
-        settings=dict(run["settings"], layers=layers),
-        contexts={c: {k: v for k, v in row.items() if k in parts} for c, row in run["contexts"].items()},
-    )
-    attention = keep(data, {"attention_prefill", "attention_decode"}, "scanned")
-    e2e_fused, e2e_scanned = keep(data, {"end_to_end"}, "fused"), keep(data, {"end_to_end"}, "scanned")
+
+    def keep(parts, **settings):
+        rows = {c: {k: v for k, v in row.items() if k in parts} for c, row in data["contexts"].items()}
+        plain = {k: v for k, v in data["settings"].items() if k not in ("layers", "decode_layers")}
+        return dict(data, settings=plain | settings, contexts=rows)
+
+    attention = keep({"attention_prefill", "attention_decode"}, layers="scanned")
+    e2e_fused, e2e_scanned = keep({"end_to_end"}, layers="fused"), keep({"end_to_end"}, layers="scanned")
     merged = bench_lib.merge_results([attention, e2e_fused], ["att", "e2e"])
     assert {"attention_prefill", "end_to_end"} <= set(merged["contexts"]["131072"])
-    with pytest.raises(ValueError, match=r"b has layers='scanned', a has 'fused'"):
+    with pytest.raises(ValueError, match=r"b's end_to_end ran on layers='scanned', a's on 'fused'"):
         bench_lib.merge_results([e2e_fused, e2e_scanned], ["a", "b"])
+    old_batch = dict(keep({"batch"}, decode_layers="fused"))
+    old_batch["contexts"] = {"131072": {"batch": {"rows": 1}}}
+    assert bench_lib.merge_results([e2e_fused, old_batch], ["new", "old"])["contexts"]["131072"]["batch"]
+    old_e2e = keep({"end_to_end"}, decode_layers="fused")
+    with pytest.raises(ValueError, match=r"old's end_to_end ran on layers='scanned prefill, fused decode'"):
+        bench_lib.merge_results([e2e_fused, old_e2e], ["new", "old"])
 
 
 def test_model_params_names_an_unknown_layout():

@@ -754,19 +754,19 @@ def run(
 
 
 MERGE_SETTINGS = ("rate", "window", "chunk", "capacity_fraction", "hbm_peak_gbps")
-# settings that only the named parts depend on: compared between runs that both have such a part
-PART_SETTINGS = {"layers": ("end_to_end", "batch")}
 
 
-def _setting(result: dict, key: str):
+def _layout(result: dict, part: str) -> str:
+    """The weight layout a run's `part` ran on (end_to_end: prefill and decode; batch: decode)."""
     s = result["settings"]
-    if key == "layers" and key not in s:  # older runs: prefill on scanned layers, decode as named
-        return {"prefill": "scanned", "decode": s.get("decode_layers")}
-    return s.get(key)
+    if "layers" in s:
+        return s["layers"]
+    # runs before `layers`: the end-to-end prefill ran on the scanned stack, decode on decode_layers
+    return s.get("decode_layers") if part == "batch" else f"scanned prefill, {s.get('decode_layers')} decode"
 
 
-def _has_part(result: dict, parts) -> bool:
-    return any(p in row for row in result["contexts"].values() for p in parts)
+def _has_part(result: dict, part: str) -> bool:
+    return any(part in row for row in result["contexts"].values())
 
 
 def merge_results(results: list[dict], names: list[str] | None = None) -> dict:
@@ -784,10 +784,10 @@ def merge_results(results: list[dict], names: list[str] | None = None) -> dict:
             mine, theirs = first["settings"].get(key), res["settings"].get(key)
             if mine != theirs:
                 raise ValueError(f"merge_results: {name} has {key}={theirs!r}, {names[0]} has {mine!r}")
-        for key, which in PART_SETTINGS.items():
-            mine, theirs = _setting(first, key), _setting(res, key)
-            if _has_part(first, which) and _has_part(res, which) and mine != theirs:
-                raise ValueError(f"merge_results: {name} has {key}={theirs!r}, {names[0]} has {mine!r}")
+        for part in ("end_to_end", "batch"):  # the weight layout matters to the model parts only
+            mine, theirs = _layout(first, part), _layout(res, part)
+            if _has_part(first, part) and _has_part(res, part) and mine != theirs:
+                raise ValueError(f"merge_results: {name}'s {part} ran on layers={theirs!r}, {names[0]}'s on {mine!r}")
         dev, dev0 = res["machine"]["device"], first["machine"]["device"]
         if dev != dev0:
             raise ValueError(f"merge_results: {name} ran on {dev!r}, {names[0]} on {dev0!r}")
