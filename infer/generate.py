@@ -42,9 +42,9 @@ class GenerateArgs:
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"
     """Weights/activations dtype; auto = float32 on CPU, bfloat16 on accelerators."""
     layers: Literal["auto", "stacked", "unrolled", "fused"] = "auto"
-    """Weight layout: one buffer per layer ("unrolled"; fastest GPU decode), the same with q/k/v
-    and gate/up fused into one matmul each ("fused"; one device), or stacked (scan); auto =
-    unrolled on GPU."""
+    """Weight layout: one buffer per layer ("unrolled"), the same with q/k/v and gate/up fused
+    into one matmul each ("fused"; one device; fastest GPU decode), or stacked (scan); auto =
+    fused on one GPU, unrolled on a GPU mesh, stacked elsewhere (`wgkv_jax.load_model`)."""
     attention_impl: Literal["auto", "reference", "pallas", "cudnn"] = "auto"
     """Attention kernels (wgkv_jax.kernels.dispatch): auto = Pallas/cuDNN on GPU, XLA elsewhere."""
     model_parallel: int = 1
