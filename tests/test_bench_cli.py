@@ -166,3 +166,24 @@ def test_model_params_names_an_unknown_layout():
         bench_lib.model_params(TINY_BENCH, "stacked")
     fused = bench_lib.model_params(TINY_BENCH, "fused")
     assert isinstance(fused["layers"], list) and "wqkv" in fused["layers"][0]
+
+
+def test_end_to_end_part_runs_on_one_weight_layout_for_prefill_and_decode(monkeypatch):
+    """The end-to-end part (tiny model, CPU) on the fused layout: both prefills and decodes run on
+    that one set of weights, the dual cache stores about the admitted fraction, and the ratios
+    are those of the times it reports."""
+    from configs.models import TINY_BENCH
+
+    seen = []
+    real = bench_lib.end_to_end
+    monkeypatch.setattr(bench_lib, "end_to_end", lambda params, *a, **k: seen.append(params) or real(params, *a, **k))
+    res = bench_lib.run(
+        [1024], ["e2e"], cfg=TINY_BENCH, chunk=256, steps=2, layers="fused", rate=0.25, capacity_fraction=0.5
+    )
+    assert res["settings"]["layers"] == "fused"
+    assert isinstance(seen[0]["layers"], list) and "wqkv" in seen[0]["layers"][0]
+    e2e = res["contexts"]["1024"]["end_to_end"]
+    assert e2e["prefill_speedup"] == pytest.approx(e2e["full_prefill_s"] / e2e["dual_prefill_s"])
+    assert e2e["decode_speedup"] == pytest.approx(e2e["full_decode_ms"] / e2e["dual_decode_ms"])
+    assert 0.12 < e2e["dual_stored_fraction"] < 0.28  # 25% of the 768 tokens beyond W = 256, over 1024
+    assert e2e["dual_kv_bytes"] < e2e["full_kv_bytes"] and e2e["dual_evicted"] == 0
