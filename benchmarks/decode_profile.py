@@ -38,14 +38,14 @@ from wgkv_jax.infer.bench import (
     kernel_summary,
     log,
     machine,
+    model_params,
     nbytes,
-    random_params,
     synthetic_dual,
     synthetic_full,
     trace_kernels,
     write_result,
 )
-from wgkv_jax.model.transformer import fuse_layer, unstack_layers
+from wgkv_jax.model.transformer import fuse_layer
 
 
 def traced_decode(params, cfg, cache, n_tokens, attend, max_steps: int, steps: int) -> tuple[dict, object]:
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     cfg = TINY_BENCH if args.smoke else LLAMA31_8B
     setting = CacheConfig(window=args.window, capacity_fraction=args.capacity_fraction)
     n, steps = args.context, args.steps
-    unrolled = unstack_layers(random_params(cfg))
+    unrolled = model_params(cfg, "unrolled")
     layouts = {"unrolled": unrolled}
     if "fused" in args.layouts:
         layouts["fused"] = dict(unrolled, layers=[fuse_layer(p) for p in unrolled["layers"]])

@@ -20,6 +20,8 @@ PARTS = ("check", "attention", "e2e", "batch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from wgkv_jax.infer.bench import LAYERS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
@@ -35,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="llama-3.1-8b", choices=["llama-3.1-8b", "tiny"], help="tiny: CPU smoke run")
     p.add_argument("--batch-memory", type=float, default=None, help="GiB for the batch caches (default: 85%% of free)")
     p.add_argument(
-        "--layers", default="fused", choices=["fused", "unrolled", "scanned"],
+        "--layers", default="fused", choices=LAYERS,
         help="weight layout of the end-to-end and batch parts (prefill and decode): one buffer per layer with "
         "q/k/v and gate/up fused (default), unfused, or stacked and scanned",
     )  # fmt: skip
