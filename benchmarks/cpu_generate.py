@@ -211,7 +211,7 @@ def kv_nbytes(cache) -> int | None:
 
 
 def hf_prefill(model, ids) -> tuple[float, object, object]:
-    """One forward over [B, T] ids -> (seconds, past_key_values, greedy first token [B])."""
+    """One forward over [B, T] ids -> (seconds, KV cache, greedy first token [B])."""
     import torch
 
     with torch.inference_mode():
@@ -219,7 +219,21 @@ def hf_prefill(model, ids) -> tuple[float, object, object]:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1)
         t1 = time.perf_counter()
-    return t1 - t0, out.past_key_values, tok
+    return t1 - t0, _hf_cache(out), tok
+
+
+def _hf_cache(out):
+    """The KV cache of an HF forward's output: `cache` in transformers 5 (where `past_key_values`
+    is deprecated), `past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+def _hf_cache_kwarg(model) -> str:
+    """The forward's name for the cache it continues from (`cache` in transformers 5)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def hf_manual(model, ids, n_new: int) -> tuple[float, float, np.ndarray, int | None]:
@@ -228,11 +242,12 @@ def hf_manual(model, ids, n_new: int) -> tuple[float, float, np.ndarray, int | N
 
     prefill_s, past, tok = hf_prefill(model, ids)
     toks = [tok]
+    cache_kwarg = _hf_cache_kwarg(model)
     with torch.inference_mode():
         t1 = time.perf_counter()
         for _ in range(n_new - 1):
-            out = model(input_ids=tok[:, None], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=tok[:, None], use_cache=True, **{cache_kwarg: past})
+            past = _hf_cache(out)
             tok = out.logits[:, -1].argmax(-1)
             toks.append(tok)
         t2 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -16,6 +17,9 @@ def _tiny_llama():
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
+# transformers 5 renamed the forward's cache argument and output (`past_key_values` -> `cache`) and
+# will drop the old name: the manual loop must use whichever the installed version takes
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
 def test_hf_generate_clocks_the_decode_steps_and_matches_the_manual_loop(benchmark_script):
     bench = benchmark_script("cpu_generate")
     model = _tiny_llama()
