@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Protocol
 
-import jax
 import jax.numpy as jnp
 
 from wgkv_jax.gates.modules import WriteGate
@@ -73,19 +72,11 @@ class FixedAdmission:
         b, t, k = k_btke.shape[:3]
         if self.mode != "random":
             value = self.mode == "all"
-            admit, score = jnp.full((b, k, t), value), jnp.full((b, k, t), float(value), jnp.float32)
-        else:
-            head_k = jnp.arange(k, dtype=jnp.uint32)[None, :, None]
-            pos = pos_bt.astype(jnp.uint32)[:, None, :]
-            salt = _mix32(jnp.uint32(self.seed) * jnp.uint32(0x9E3779B9) + jnp.asarray(layer).astype(jnp.uint32))
-            u_bkt = (
-                _mix32(_mix32(pos * jnp.uint32(0x9E3779B9) ^ salt) ^ _mix32(head_k + salt)).astype(jnp.float32)
-                / 2.0**32
-            )
-            admit, score = u_bkt < self.rate, 1.0 - u_bkt
-        # wait for this layer's keys, as a learned gate does. A rule that needs nothing of the
-        # chunk's activations lets XLA promote every layer's tokens up front, before the layers
-        # below have read the stacked position array, so it copies that array once per layer
-        # (GPU trace of a 128K prefill chunk: 128 -> 95 copies, 3.2 -> 2.6 ms per chunk).
-        (admit, score), _ = jax.lax.optimization_barrier(((admit, score), k_btke))
-        return admit, score
+            return jnp.full((b, k, t), value), jnp.full((b, k, t), float(value), jnp.float32)
+        head_k = jnp.arange(k, dtype=jnp.uint32)[None, :, None]
+        pos = pos_bt.astype(jnp.uint32)[:, None, :]
+        salt = _mix32(jnp.uint32(self.seed) * jnp.uint32(0x9E3779B9) + jnp.asarray(layer).astype(jnp.uint32))
+        u_bkt = (
+            _mix32(_mix32(pos * jnp.uint32(0x9E3779B9) ^ salt) ^ _mix32(head_k + salt)).astype(jnp.float32) / 2.0**32
+        )
+        return u_bkt < self.rate, 1.0 - u_bkt

@@ -365,6 +365,12 @@ class DualAttend:
             score_bkt = jnp.zeros((b, k, t), jnp.float32)
         else:
             admit_bkt, score_bkt = self.admission(layer, p, k_pre_btke, k_btke, v_btke, pos_bt)
+            # the decision waits for this layer's keys, as a learned gate's does. A rule that needs
+            # nothing of the chunk's activations (FixedAdmission, a user's positional rule) lets XLA
+            # promote every layer's tokens up front, before the layers below have read the stacked
+            # position array, so it copies that array once per layer (GPU trace of a 128K prefill
+            # chunk with random admission: 128 -> 95 copies, 3.2 -> 2.6 ms per chunk)
+            (admit_bkt, score_bkt), _ = jax.lax.optimization_barrier(((admit_bkt, score_bkt), k_btke))
         admit_bkt = admit_bkt & (pos_bt >= 0)[:, None, :]
 
         # Every write comes before every read of the same buffer (XLA then updates in place).
